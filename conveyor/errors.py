@@ -1,0 +1,30 @@
+"""Typed errors a user can cause.
+
+Every error a caller can trigger by what they send is one of these; the HTTP layer maps them to
+OpenAI-shaped JSON errors (``InvalidRequestError`` -> 400, ``ModelNotFoundError`` -> 404 / CLI exit 2)
+and the CLI prints their one-line message. The message always says what to change.
+"""
+
+
+class ConveyorError(Exception):
+    """Base class for errors conveyor raises on purpose."""
+
+
+class InvalidRequestError(ConveyorError, ValueError):
+    """A request or parameter is invalid; the message names the field and the accepted range."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelLoadError(ConveyorError):
+    """A model could not be found or loaded; the message says what to do about it."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint's architecture is not one conveyor implements."""
+
+
+class CapacityError(ConveyorError):
+    """A request can never fit in the KV cache as configured (it would be retried forever)."""
