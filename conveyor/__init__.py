@@ -1,0 +1,17 @@
+"""conveyor: a continuous-batching LLM inference engine and OpenAI-compatible server."""
+
+from conveyor.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so that `import conveyor` (and the pure-Python core) does not pull in torch.
+    if name == "LLM":
+        from conveyor.serving.llm import LLM
+        return LLM
+    if name == "LLMEngine":
+        from conveyor.serving.engine import LLMEngine
+        return LLMEngine
+    raise AttributeError(name)

@@ -1,0 +1,138 @@
+"""Attention over a paged KV cache, for one flat ragged batch.
+
+The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
+``t % block_size``. ``slot_mapping[i] = block * block_size + offset`` says where the i-th token of
+the flat batch writes its K and V.
+
+Backends share one interface: ``forward(q, k, v, kv_cache, md) -> out``. ``ReferenceAttention``
+loops over requests in plain PyTorch and is the ground truth faster backends are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each request's queries and keys are. Built once per step by the runner.
+
+    Flat batch layout (B requests, T tokens):  [ req0 tokens | req1 tokens | ... ]
+                                              query_start_loc[0]  [1]      [2] ... [B] = T
+    """
+
+    query_start_loc: torch.Tensor     # [B + 1] int64, offsets of each request's queries
+    seq_lens: torch.Tensor            # [B] int64, context length after this step (keys to attend)
+    block_tables: torch.Tensor        # [B, max_blocks] int64, padded with 0
+    slot_mapping: torch.Tensor        # [T] int64, KV write slot per token
+    query_lens_cpu: list[int]         # [B] host copies used for Python-side shapes
+    seq_lens_cpu: list[int]           # [B]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V ([T, Hkv, D] each) into the paged cache."""
+    _, num_blocks, block_size, h, d = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
+    """K and V ([seq_len, Hkv, D] each) of one request, in token order."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    blocks = kv_cache[:, block_table[:num_blocks]]            # [2, nb, bs, Hkv, D]
+    kv = blocks.flatten(1, 2)[:, :seq_len]                     # [2, seq_len, Hkv, D]
+    return kv[0], kv[1]
+
+
+class ReferenceAttention:
+    """Plain-PyTorch paged attention, one request at a time. Slow, obviously right."""
+
+    name = "reference"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]
+        write_kv(kv_cache, k, v, md.slot_mapping)
+        out = torch.empty_like(q)
+        group = self.num_heads // self.num_kv_heads
+        starts = md.query_start_loc.tolist()
+        for i in range(md.num_reqs):
+            s, e, seq_len = starts[i], starts[i + 1], md.seq_lens_cpu[i]
+            if e == s:
+                continue
+            keys, vals = gather_kv(kv_cache, md.block_tables[i], seq_len)   # [S, Hkv, D]
+            keys = keys.to(q.dtype).repeat_interleave(group, dim=1)          # [S, Hq, D]
+            vals = vals.to(q.dtype).repeat_interleave(group, dim=1)
+            qi = q[s:e].transpose(0, 1)                                      # [Hq, n, D]
+            scores = qi @ keys.permute(1, 2, 0) * self.scale                 # [Hq, n, S]
+            q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]   # [n, S]
+            scores = scores.masked_fill(mask, float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            out[s:e] = (probs @ vals.transpose(0, 1)).transpose(0, 1)        # [n, Hq, D]
+        return out
+
+
+class PaddedSdpaAttention:
+    """Vectorised paged attention: pads queries to [B, max_q] and runs one SDPA call.
+
+    Key gathering and masking are batched; padding exists only inside this kernel (never in the
+    scheduler's token accounting) and costs B * max_q * max_seq score entries.
+    """
+
+    name = "sdpa"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q, k, v, kv_cache, md: AttentionMetadata) -> torch.Tensor:
+        write_kv(kv_cache, k, v, md.slot_mapping)
+        B, max_q, max_s = md.num_reqs, md.max_query_len, md.max_seq_len
+        bs = kv_cache.shape[2]
+        nb = -(-max_s // bs)
+        kv = kv_cache[:, md.block_tables[:, :nb]]                     # [2, B, nb, bs, Hkv, D]
+        kv = kv.flatten(2, 3)[:, :, :max_s].to(q.dtype)               # [2, B, S, Hkv, D]
+        keys = kv[0].transpose(1, 2)                                  # [B, Hkv, S, D]
+        vals = kv[1].transpose(1, 2)
+        dev = q.device
+        q_lens = md.query_start_loc[1:] - md.query_start_loc[:-1]     # [B]
+        j = torch.arange(max_q, device=dev)
+        valid_q = j[None, :] < q_lens[:, None]                        # [B, max_q]
+        tok_idx = (md.query_start_loc[:-1, None] + j[None, :]).clamp(max=q.shape[0] - 1)
+        qp = q[tok_idx].transpose(1, 2)                               # [B, Hq, max_q, D]
+        q_pos = md.seq_lens[:, None] - q_lens[:, None] + j[None, :]   # [B, max_q]
+        key_pos = torch.arange(max_s, device=dev)
+        allowed = key_pos[None, None, :] <= q_pos[:, :, None]         # [B, max_q, S]
+        allowed &= key_pos[None, None, :] < md.seq_lens[:, None, None]
+        allowed |= ~valid_q[:, :, None]                               # keep padded rows finite
+        out = F.scaled_dot_product_attention(
+            qp, keys, vals, attn_mask=allowed[:, None], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)           # [B, Hq, max_q, D]
+        out = out.transpose(1, 2)                                     # [B, max_q, Hq, D]
+        return out[valid_q]                                           # [T, Hq, D]
+
+
+BACKENDS = {"reference": ReferenceAttention, "sdpa": PaddedSdpaAttention}
+
+
+def make_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name](num_heads, num_kv_heads, head_dim, scale)

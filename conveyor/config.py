@@ -1,0 +1,88 @@
+"""Frozen, validated configuration, one dataclass per concern.
+
+Nothing writes back into a config after construction: values derived at start-up (the number of
+KV blocks once the model's size is known, the resolved dtype) live in the objects that derive them.
+Invalid values raise ``InvalidRequestError`` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conveyor.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _require(cond: bool, message: str, field: str) -> None:
+    if not cond:
+        raise InvalidRequestError(message, field)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which checkpoint to run and how.
+
+    model: an HF model directory, a .gguf file, or None for the default SmolLM2 GGUF.
+    dtype: "auto" resolves per device in ``conveyor.platform`` (bf16 where the CPU has native bf16).
+    max_model_len: context limit in tokens; None takes the checkpoint's (capped by KV capacity).
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}", "dtype")
+        _require(self.max_model_len is None or self.max_model_len > 0,
+                 "max_model_len must be a positive integer", "max_model_len")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache sizing: give ``num_blocks`` or ``kv_cache_bytes`` (the first wins).
+
+    With neither, the pool is sized to ``max_num_seqs`` full-length sequences, capped at 4 GiB.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                 "block_size must be a positive power of two", "block_size")
+        _require(self.num_blocks is None or self.num_blocks > 0,
+                 "num_blocks must be positive", "num_blocks")
+        _require(self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+                 "kv_cache_bytes must be positive", "kv_cache_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Token-budget scheduling limits.
+
+    max_num_batched_tokens: tokens (prefill chunks + decodes) computed in one step.
+    max_num_seqs: requests running at once (batch slots).
+    enable_chunked_prefill: False makes a prompt wait until it fits the budget whole.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive",
+                 "max_num_batched_tokens")
+        _require(self.max_num_seqs > 0, "max_num_seqs must be positive", "max_num_seqs")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything an engine needs, grouped by concern."""
+
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()

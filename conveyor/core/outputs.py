@@ -1,0 +1,89 @@
+"""Data-only messages between the scheduler, the model runner and the engine front end.
+
+Lists and ints only (no tensors), so the core never waits on a device and these can cross a
+process boundary later. Every field says who fills it and what it means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conveyor.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has no state for: first scheduled, or resumed after preemption."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]      # non-empty only when resuming after preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]             # full block table so far
+    num_computed_tokens: int         # KV already present (0 unless a prefix cache hit)
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the runner already holds; only what changed since the last step."""
+
+    request_id: str
+    new_block_ids: list[int]         # blocks appended to its table this step
+    num_computed_tokens: int         # before this step's tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What to compute this step. Batch order: cached (running) requests, then new ones."""
+
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]      # request id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    finished_request_ids: set[str]            # runner drops their state (finished since last step)
+    preempted_request_ids: set[str]           # runner drops their state; they come back as new
+    # Slots the policy keeps busy without useful work (static/dynamic baselines); 0 in continuous.
+    num_padding_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Tokens sampled this step, one per request whose KV caught up with its tokens."""
+
+    request_ids: list[str]                                   # rows that sampled, in batch order
+    sampled_token_ids: list[int]
+    logprobs: list[float] | None = None                      # of the sampled token, per row
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """New tokens for one request after a step, and whether it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None        # FinishReason value
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one step did, for metrics and benchmarks."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_scheduled_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_padding_tokens: int = 0
+    num_new_admissions: int = 0
+    num_preemptions: int = 0
+    kv_usage: float = 0.0
+    scheduled_request_ids: list[str] = field(default_factory=list)

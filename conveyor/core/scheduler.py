@@ -1,0 +1,219 @@
+"""Token-budget continuous-batching scheduler.
+
+There is no prefill phase and no decode phase. Each step hands out tokens from one budget
+(``max_num_batched_tokens``) so that each request's ``num_computed_tokens`` catches up with its
+``num_tokens``: a decode is 1 token, a prefill chunk is n, a resumed preempted request is all of it
+again. Running requests are served first (oldest first), then waiting ones in arrival order.
+
+When the pool cannot supply a running request's next blocks, the newest running request is
+preempted by recompute (blocks freed, progress reset, back to the head of the waiting queue).
+Waiting requests are not admitted in a step that preempted.
+
+Invariants asserted at the end of ``schedule()``: tokens scheduled <= budget, running requests <=
+``max_num_seqs``, every scheduled request is running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from conveyor.config import SchedulerConfig
+from conveyor.core.kv_cache_manager import KVCacheManager
+from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                                   EngineCoreOutput, SchedulerOutput, StepStats)
+from conveyor.core.request import FinishReason, Request, RequestStatus, check_stop
+
+
+class Scheduler:
+    """Decides each step's batch and applies each step's sampled tokens."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int,
+                 clock=time.monotonic):
+        self.config = config
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()     # to tell the runner at the next schedule()
+        self._runner_known: set[str] = set()     # requests the runner holds state for
+        self.num_preemptions_total = 0
+        self.last_stats = StepStats()
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids, reason: FinishReason,
+                        stop_reason: int | str | None = None) -> list[Request]:
+        """Finish (abort, stop-string) requests in any state; their blocks are freed now."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.finish(reason, self.clock(), stop_reason)
+            self._free(req)
+            done.append(req)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        if req.request_id in self._runner_known:
+            self._runner_known.discard(req.request_id)
+            self._finished_ids.add(req.request_id)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, num_scheduled, new_blocks, preempted)
+        admitted = [] if preempted else self._schedule_waiting(budget, num_scheduled, new_blocks)
+        return self._build_output(num_scheduled, new_blocks, preempted, admitted)
+
+    def _schedule_running(self, budget, num_scheduled, new_blocks, preempted) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            blocks = self.kv.allocate_slots(req, n)
+            while blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+                blocks = self.kv.allocate_slots(req, n)
+            if blocks is None:
+                break
+            num_scheduled[req.request_id] = n
+            new_blocks[req.request_id] = blocks
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, budget, num_scheduled, new_blocks) -> list[Request]:
+        admitted = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            remaining = req.num_tokens - req.num_computed_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            n = min(remaining, budget)
+            blocks = self.kv.allocate_slots(req, n)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if not req.first_scheduled_time:
+                req.first_scheduled_time = self.clock()
+            self.running.append(req)
+            admitted.append(req)
+            num_scheduled[req.request_id] = n
+            new_blocks[req.request_id] = blocks
+            budget -= n
+        return admitted
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._runner_known.discard(req.request_id)
+        self.waiting.appendleft(req)
+
+    def _build_output(self, num_scheduled, new_blocks, preempted, admitted) -> SchedulerOutput:
+        new_reqs, cached = [], []
+        for req in self.running:
+            rid = req.request_id
+            if rid not in num_scheduled:
+                continue
+            if rid in self._runner_known:
+                cached.append(CachedRequestData(rid, new_blocks[rid], req.num_computed_tokens))
+            else:
+                new_reqs.append(NewRequestData(
+                    rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                    list(self.kv.block_table(rid)), req.num_computed_tokens))
+                self._runner_known.add(rid)
+        total = sum(num_scheduled.values())
+        out = SchedulerOutput(new_reqs, cached, num_scheduled, total, self._finished_ids,
+                              {r.request_id for r in preempted})
+        self._finished_ids = set()
+        self._record_stats(out, admitted, len(preempted))
+        self._check_step_invariants(out)
+        return out
+
+    def _record_stats(self, out: SchedulerOutput, admitted, num_preempted: int) -> None:
+        decode = sum(1 for rid, n in out.num_scheduled_tokens.items()
+                     if n == 1 and self._is_decode(rid))
+        self.last_stats = StepStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            num_scheduled_tokens=out.total_num_scheduled_tokens,
+            num_prefill_tokens=out.total_num_scheduled_tokens - decode, num_decode_tokens=decode,
+            num_padding_tokens=out.num_padding_tokens, num_new_admissions=len(admitted),
+            num_preemptions=num_preempted, kv_usage=self.kv.pool.usage,
+            scheduled_request_ids=list(out.num_scheduled_tokens))
+
+    def _is_decode(self, rid: str) -> bool:
+        req = self.requests[rid]
+        return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
+
+    def _check_step_invariants(self, out: SchedulerOutput) -> None:
+        assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_num_seqs
+        for rid in out.num_scheduled_tokens:
+            assert self.requests[rid].status == RequestStatus.RUNNING
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(self, sched: SchedulerOutput,
+                           runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance computed tokens, append sampled tokens, finish and free stopped requests."""
+        now = self.clock()
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                req.num_computed_tokens += n
+        outputs = []
+        for row, rid in enumerate(runner_out.request_ids):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue    # finished while this step ran (abort); its token is dropped
+            outputs.append(self._append_token(req, row, runner_out, now))
+        return outputs
+
+    def _append_token(self, req: Request, row: int, ro: ModelRunnerOutput,
+                      now: float) -> EngineCoreOutput:
+        token = ro.sampled_token_ids[row]
+        req.output_token_ids.append(token)
+        if not req.first_token_time:
+            req.first_token_time = now
+        out = EngineCoreOutput(
+            req.request_id, [token],
+            None if ro.logprobs is None else [ro.logprobs[row]],
+            None if ro.top_logprobs is None else [ro.top_logprobs[row]])
+        stop = check_stop(req, self.max_model_len)
+        if stop is not None:
+            reason, stop_reason = stop
+            self.running.remove(req)
+            req.finish(reason, now, stop_reason)
+            self._free(req)
+            out.finish_reason, out.stop_reason = reason.value, stop_reason
+        return out

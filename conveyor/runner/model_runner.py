@@ -1,0 +1,86 @@
+"""Executes a ``SchedulerOutput``: flat ragged batch -> model -> logits of sampling rows -> sampler.
+
+Owns the KV cache tensors (one ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per
+layer), the per-request token state and generators. Returns plain lists (``ModelRunnerOutput``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
+from conveyor.models.llama import LlamaForCausalLM
+from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
+from conveyor.sampling import Sampler, SamplingMetadata
+
+
+def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                       dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    cfg = model.config
+    shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    # Zeroed: padded attention reads slots past a sequence's end (masked, but 0 * NaN is NaN).
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
+class ModelRunner:
+    """Runs one step of the model for whatever the scheduler decided."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
+                 eos_token_ids: frozenset[int], device: torch.device, seed: int = 0):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.vocab_size = model.config.vocab_size
+        self.states: dict[str, CachedRequestState] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        default = torch.Generator(device=device)
+        default.manual_seed(seed)
+        self.sampler = Sampler(default)
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_request_ids:
+            self.states.pop(rid, None)
+            self.generators.pop(rid, None)
+        for rid in sched.preempted_request_ids:
+            self.states.pop(rid, None)        # generator kept: the request comes back
+        for new in sched.new_requests:
+            self.states[new.request_id] = CachedRequestState(
+                new.request_id, new.prompt_token_ids + new.output_token_ids,
+                len(new.prompt_token_ids), new.sampling_params, list(new.block_ids),
+                new.num_computed_tokens)
+            seed = new.sampling_params.seed
+            if seed is not None and new.request_id not in self.generators:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(seed)
+                self.generators[new.request_id] = g
+        for cached in sched.cached_requests:
+            st = self.states[cached.request_id]
+            st.block_ids.extend(cached.new_block_ids)
+            st.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        if sched.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput([], [])
+        batch = build_flat_batch(sched, self.states, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, H]
+        for rid, n in sched.num_scheduled_tokens.items():
+            self.states[rid].num_computed_tokens += n
+        if not batch.sample_request_ids:
+            return ModelRunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[batch.logits_indices])              # [N, V]
+        return self._sample(logits, batch.sample_request_ids)
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
+        states = [self.states[rid] for rid in request_ids]
+        md = SamplingMetadata.build(
+            [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
+            [s.output_token_ids for s in states], [self.generators.get(rid) for rid in request_ids],
+            self.eos_token_ids, self.vocab_size, logits.device)
+        out = self.sampler(logits, md)
+        for st, token in zip(states, out.sampled_token_ids):
+            st.token_ids.append(token)
+        return ModelRunnerOutput(request_ids, out.sampled_token_ids, out.logprobs, out.top_logprobs)

@@ -1,0 +1,177 @@
+"""``LLMEngine``: text in, text out, one step at a time, around an ``EngineCore``.
+
+Builds the model, KV cache and runner from an ``EngineConfig``; validates and tokenizes requests;
+turns the core's token deltas into ``RequestOutput`` objects (incremental detokenization, stop
+strings, logprobs). A stop string finishes its request in the core within the same step, so its
+KV blocks return to the pool before the next schedule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from conveyor import platform
+from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.core.engine_core import EngineCore
+from conveyor.core.request import FinishReason, Request
+from conveyor.errors import InvalidRequestError
+from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
+from conveyor.sampling_params import SamplingParams
+from conveyor.serving.output_processor import OutputProcessor
+from conveyor.serving.outputs import RequestOutput
+from conveyor.tokenizer import load_tokenizer
+from conveyor.weights.loader import build_model, resolve_model_path
+
+logger = logging.getLogger("conveyor")
+
+_DEFAULT_KV_CAP_BYTES = 4 << 30
+
+
+def engine_config_from_kwargs(**kw) -> EngineConfig:
+    """Flat vLLM-style keyword arguments -> grouped frozen configs."""
+    model_keys = {"model", "dtype", "device", "max_model_len", "seed"}
+    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes"}
+    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill"}
+    unknown = set(kw) - model_keys - cache_keys - sched_keys
+    if unknown:
+        raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")
+    pick = lambda keys: {k: v for k, v in kw.items() if k in keys and v is not None}  # noqa: E731
+    return EngineConfig(ModelConfig(**pick(model_keys)), CacheConfig(**pick(cache_keys)),
+                        SchedulerConfig(**pick(sched_keys)))
+
+
+class LLMEngine:
+    """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False."""
+
+    def __init__(self, config: EngineConfig, attention_backend: str = "sdpa"):
+        self.config = config
+        mc = config.model
+        self.model_path = resolve_model_path(mc.model)
+        self.device = platform.resolve_device(mc.device)
+        self.dtype = platform.resolve_dtype(mc.dtype, self.device)
+        torch.manual_seed(mc.seed)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.model = build_model(self.model_path, self.dtype, self.device, attention_backend)
+        arch = self.model.config
+        self.eos_token_ids = self.tokenizer.eos_token_ids | arch.eos_token_ids
+        num_blocks = self._num_kv_blocks(arch)
+        bs = config.cache.block_size
+        self.max_model_len = min(mc.max_model_len or arch.max_position_embeddings,
+                                 arch.max_position_embeddings, num_blocks * bs)
+        kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed)
+        self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer, self.core)
+        self._ids = itertools.count()
+        logger.info("model %s (%s) on %s, dtype %s; %s", self.model_path, arch.architecture,
+                    self.device, self.dtype, platform.describe(self.device))
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; "
+                    "max_num_seqs %d; max_num_batched_tokens %d", num_blocks, bs, num_blocks * bs,
+                    self.max_model_len, config.scheduler.max_num_seqs,
+                    config.scheduler.max_num_batched_tokens)
+
+    @classmethod
+    def from_kwargs(cls, attention_backend: str = "sdpa", **kwargs) -> "LLMEngine":
+        return cls(engine_config_from_kwargs(**kwargs), attention_backend)
+
+    def _num_kv_blocks(self, arch) -> int:
+        cc, bs = self.config.cache, self.config.cache.block_size
+        per_block = arch.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * bs
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        if cc.kv_cache_bytes is not None:
+            n = cc.kv_cache_bytes // per_block
+            if n < 1:
+                raise InvalidRequestError(
+                    f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)")
+            return n
+        want_len = self.config.model.max_model_len or arch.max_position_embeddings
+        want = self.config.scheduler.max_num_seqs * -(-want_len // bs)
+        return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.core.kv_manager.pool.num_blocks
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    priority: int = 0, tenant: str = "") -> str:
+        """Validate, tokenize and queue a request (n > 1 fans out). Returns its id."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = _replace_seed(params, params.seed + i)
+            children.append(Request(
+                f"{request_id}#{i}" if params.n > 1 else request_id, prompt_ids, child_params,
+                max_tokens, self.eos_token_ids, arrival, priority, tenant))
+        self.output_processor.add(request_id, prompt_text, prompt_ids, params, children)
+        try:
+            for child in children:
+                self.core.add_request(child)
+        except Exception:
+            self.abort_request(request_id)
+            raise
+        return request_id
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        return None, list(prompt)
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens but the context length is {self.max_model_len};"
+                " shorten the prompt", "prompt")
+        room = self.max_model_len - num_prompt
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}; lower max_tokens to at most {room}", "max_tokens")
+        return params.max_tokens
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Abort a request (all its children) in any state; KV blocks are freed now."""
+        child_ids = self.output_processor.child_ids(request_id)
+        self.core.abort_requests(child_ids, FinishReason.ABORT)
+        return self.output_processor.finish_aborted(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns outputs of requests that progressed or finished."""
+        core_outputs = self.core.step()
+        return self.output_processor.process(core_outputs)
+
+    def check_invariants(self) -> None:
+        self.core.check_invariants()
+
+
+def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    import dataclasses
+    return dataclasses.replace(params, seed=seed)

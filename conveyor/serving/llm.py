@@ -1,0 +1,68 @@
+"""The offline API: ``LLM(model=...).generate(prompts, sampling_params)``.
+
+Mirrors vLLM's ``LLM`` so scripts written for it run unchanged: one params object for all prompts
+or one per prompt; outputs come back in prompt order; a progress bar for many prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from conveyor.sampling_params import SamplingParams
+from conveyor.serving.engine import LLMEngine
+from conveyor.serving.outputs import RequestOutput
+
+
+class LLM:
+    """An engine plus a run-to-completion loop.
+
+    Keyword arguments are vLLM's engine arguments: dtype, device, max_model_len, block_size,
+    num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed.
+    """
+
+    def __init__(self, model: str | None = None, *, attention_backend: str = "sdpa", **kwargs):
+        self.engine = LLMEngine.from_kwargs(attention_backend=attention_backend, model=model, **kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion together (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm and len(ids) > 1)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(ids, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not show_progress)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [final[rid] for rid in ids]

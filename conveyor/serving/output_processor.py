@@ -1,0 +1,124 @@
+"""Turns the core's per-step token deltas into ``RequestOutput`` objects.
+
+Owns one incremental detokenizer per (child) request. When a stop string appears in the text, the
+request is finished in the core right here, in the same step, so its blocks are freed before the
+next schedule. A request with ``n > 1`` is one parent with n children in the core; its output
+lists the children's completions in index order and is finished when all of them are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conveyor.core.engine_core import EngineCore
+from conveyor.core.outputs import EngineCoreOutput
+from conveyor.core.request import FinishReason, Request
+from conveyor.sampling_params import SamplingParams
+from conveyor.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from conveyor.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(slots=True)
+class _Child:
+    request: Request
+    parent: "_Parent"
+    detok: IncrementalDetokenizer
+    completion: CompletionOutput
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.completion.finished for c in self.children)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, core: EngineCore):
+        self.tokenizer = tokenizer
+        self.core = core
+        self.parents: dict[str, _Parent] = {}
+        self.children: dict[str, _Child] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+            params: SamplingParams, requests: list[Request]) -> None:
+        parent = _Parent(request_id, prompt, prompt_ids, params)
+        for i, req in enumerate(requests):
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            comp = CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None,
+                                    cumulative_logprob=0.0 if params.logprobs is not None else None)
+            child = _Child(req, parent, detok, comp)
+            parent.children.append(child)
+            self.children[req.request_id] = child
+        self.parents[request_id] = parent
+
+    def child_ids(self, request_id: str) -> list[str]:
+        parent = self.parents.get(request_id)
+        return [] if parent is None else [c.request.request_id for c in parent.children]
+
+    def process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        touched: dict[str, _Parent] = {}
+        for out in core_outputs:
+            child = self.children.get(out.request_id)
+            if child is not None:
+                self._apply(child, out)
+                touched[child.parent.request_id] = child.parent
+        return [self._emit(p) for p in touched.values()]
+
+    def finish_aborted(self, child_ids: list[str]) -> list[RequestOutput]:
+        """Mark children finished with "abort" (the core already freed them)."""
+        touched = {}
+        for cid in child_ids:
+            child = self.children.get(cid)
+            if child is not None and not child.completion.finished:
+                child.completion.finish_reason = child.request.finish_reason.value \
+                    if child.request.finish_reason else FinishReason.ABORT.value
+                touched[child.parent.request_id] = child.parent
+        return [self._emit(p) for p in touched.values()]
+
+    def _apply(self, child: _Child, out: EngineCoreOutput) -> None:
+        comp = child.completion
+        delta = child.detok.add_tokens(out.new_token_ids)
+        comp.token_ids.extend(out.new_token_ids)
+        comp.delta_token_ids = list(out.new_token_ids)
+        comp.delta_logprobs = []
+        if out.new_logprobs is not None and comp.logprobs is not None:
+            for i, tok in enumerate(out.new_token_ids):
+                lp = Logprob(tok, out.new_logprobs[i],
+                             out.new_top_logprobs[i] if out.new_top_logprobs else [])
+                comp.logprobs.append(lp)
+                comp.delta_logprobs.append(lp)
+                comp.cumulative_logprob += lp.logprob
+        if child.detok.stop_matched is not None and out.finish_reason is None:
+            self.core.scheduler.finish_requests([out.request_id], FinishReason.STOP,
+                                                child.detok.stop_matched)
+            comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, child.detok.stop_matched
+        elif child.detok.stop_matched is not None:
+            comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, child.detok.stop_matched
+        elif out.finish_reason is not None:
+            delta += child.detok.flush()
+            comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
+        comp.text = child.detok.output_text
+        comp.delta_text = delta
+
+    def _emit(self, parent: _Parent) -> RequestOutput:
+        first = parent.children[0].request
+        metrics = RequestMetrics(
+            first.arrival_time, first.first_scheduled_time, first.first_token_time,
+            max(c.request.finished_time for c in parent.children) if parent.finished else 0.0,
+            sum(c.request.num_preemptions for c in parent.children))
+        out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                            [c.completion for c in parent.children], parent.finished, metrics)
+        if parent.finished:
+            self.parents.pop(parent.request_id, None)
+            for c in parent.children:
+                self.children.pop(c.request.request_id, None)
+        return out

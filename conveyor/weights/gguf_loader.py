@@ -1,0 +1,119 @@
+"""Read a GGUF file into an ``ArchConfig`` and an HF-named fp32 state dict.
+
+Quantized tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... whatever the ``gguf`` package can
+dequantize) are dequantized at load. GGUF files of the ``llama`` architecture store Q and K
+weights with llama.cpp's permuted rotary layout; we undo it so HF's "rotate half" RoPE applies
+(``qwen2`` files are not permuted).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from conveyor.errors import ModelLoadError, UnsupportedModelError
+from conveyor.models.config import ArchConfig
+
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+_NAME_MAP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_MAP = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _reader(path: str):
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not a usable GGUF"
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({e})") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_gguf_config(path: str, reader=None) -> ArchConfig:
+    """Architecture hyper-parameters from GGUF metadata."""
+    r = reader or _reader(path)
+    arch = _field(r, "general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported; conveyor runs {sorted(_GGUF_ARCHS)}")
+    a = lambda k, d=None: _field(r, f"{arch}.{k}", d)  # noqa: E731
+    heads = a("attention.head_count")
+    hidden = a("embedding_length")
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    vocab = a("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    has_output = any(t.name == "output.weight" for t in r.tensors)
+    rope = {}
+    if a("rope.scaling.type") not in (None, "none"):
+        rope = {"rope_type": a("rope.scaling.type"), "factor": a("rope.scaling.factor", 1.0)}
+    return ArchConfig(
+        architecture=_GGUF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=a("feed_forward_length"), num_layers=a("block_count"), num_heads=heads,
+        num_kv_heads=a("attention.head_count_kv", heads),
+        head_dim=a("attention.key_length") or hidden // heads,
+        rms_norm_eps=a("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        max_position_embeddings=a("context_length", 2048), tie_word_embeddings=not has_output,
+        attention_bias=any(t.name == "blk.0.attn_q.bias" for t in r.tensors),
+        rope_scaling=tuple(sorted(rope.items())),
+        bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"))
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF parameter name for a GGUF tensor name (None for tensors we do not use)."""
+    base, _, kind = gguf_name.rpartition(".")
+    if base in _NAME_MAP:
+        return f"{_NAME_MAP[base]}.{kind}"
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's converter permutation of Q/K rows (weights or biases)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
+    """Config and fp32 state dict (HF names) from a GGUF file."""
+    import gguf
+    r = _reader(path)
+    cfg = read_gguf_config(path, r)
+    permuted = _field(r, "general.architecture") == "llama"
+    state = {}
+    for t in r.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"tensor {t.name} uses GGUF type {t.tensor_type.name}, which cannot be dequantized "
+                "here; convert the file to F16/Q8_0/Q4_K") from e
+        arr = np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            arr = unpermute_rotary(arr, cfg.num_heads)
+        elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            arr = unpermute_rotary(arr, cfg.num_kv_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    return cfg, state

@@ -1,0 +1,184 @@
+"""Scheduler and block pool behaviour, with a fake runner (no model, no torch)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conveyor.config import SchedulerConfig
+from conveyor.core.block_pool import BlockPool
+from conveyor.core.engine_core import EngineCore
+from conveyor.core.request import FinishReason, Request
+from conveyor.errors import CapacityError, InvalidRequestError
+from conveyor.sampling_params import SamplingParams
+
+from fake_runner import FakeRunner
+
+
+def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=4, max_len=256, chunked=True):
+    runner = FakeRunner(block_size)
+    core = EngineCore(runner, SchedulerConfig(budget, max_seqs, chunked), num_blocks, block_size, max_len)
+    return core, runner
+
+
+def req(rid, prompt_len, max_tokens, arrival=0.0, **kw):
+    return Request(str(rid), list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, **kw),
+                   max_tokens, frozenset(), arrival_time=arrival or 1.0)
+
+
+def run_all(core, max_steps=10_000):
+    outs = {}
+    for _ in range(max_steps):
+        if not core.has_unfinished_requests():
+            break
+        for o in core.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert not core.has_unfinished_requests()
+    return outs
+
+
+def test_block_pool_alloc_free_refcounts():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert pool.num_free_blocks == 1 and not pool.can_allocate(2)
+    pool.free(a[:1])
+    assert pool.num_free_blocks == 2 and pool.ref_count(a[0]) == 0
+    with pytest.raises(RuntimeError):
+        pool.free(a[:1])
+    pool.free(a[1:])
+    pool.check_invariant()
+    assert pool.num_free_blocks == 4
+
+
+def test_chunked_prefill_splits_long_prompt_and_mixes_with_decode():
+    core, runner = make_core(budget=8)
+    core.add_request(req("a", 3, 5))
+    core.step()                                   # a: whole prompt (3), samples
+    core.add_request(req("b", 20, 2))
+    core.step()
+    first = runner.steps[-1].num_scheduled_tokens
+    assert first == {"a": 1, "b": 7}              # decode first, then a prefill chunk in the budget
+    core.step()
+    assert runner.steps[-1].num_scheduled_tokens == {"a": 1, "b": 7}
+    run_all(core)
+    core.check_invariants()
+
+
+def test_no_chunking_waits_for_whole_prompt_budget():
+    core, runner = make_core(budget=8, chunked=False)
+    core.add_request(req("a", 6, 3))
+    core.add_request(req("b", 6, 3))
+    core.step()
+    assert runner.steps[-1].num_scheduled_tokens == {"a": 6}
+    run_all(core)
+    core.check_invariants()
+
+
+def test_continuous_admits_on_step_after_a_slot_frees():
+    core, runner = make_core(max_seqs=2, budget=64)
+    core.add_request(req("short", 4, 1))
+    core.add_request(req("long", 4, 6))
+    core.add_request(req("late", 4, 3))
+    core.step()                                   # short + long prefill; short finishes (1 token)
+    assert set(runner.steps[0].num_scheduled_tokens) == {"short", "long"}
+    core.step()                                   # slot freed -> late joins now
+    assert set(runner.steps[1].num_scheduled_tokens) == {"long", "late"}
+    assert "short" in runner.steps[1].finished_request_ids
+    run_all(core)
+    core.check_invariants()
+
+
+def test_preemption_by_recompute_newest_first_and_resume():
+    core, runner = make_core(num_blocks=6, block_size=4, budget=64, max_seqs=4, max_len=24)
+    for i in range(3):
+        core.add_request(req(i, 4, 8))
+    outs = run_all(core)
+    assert core.scheduler.num_preemptions_total > 0
+    assert any(runner.steps[i].preempted_request_ids for i in range(len(runner.steps)))
+    first_victim = next(s.preempted_request_ids for s in runner.steps if s.preempted_request_ids)
+    assert first_victim == {"2"}                  # the newest running request goes first
+    assert all(len(v) == 8 for v in outs.values())
+    core.check_invariants()
+
+
+def test_preempted_output_equals_unpreempted_output():
+    big, _ = make_core(num_blocks=256)
+    small, _ = make_core(num_blocks=6, max_len=24)
+    for core in (big, small):
+        for i in range(4):
+            core.add_request(req(i, 3 + i, 7))
+    assert run_all(big) == run_all(small)
+    assert small.scheduler.num_preemptions_total > 0
+
+
+def test_request_that_can_never_fit_is_rejected():
+    core, _ = make_core(num_blocks=2, block_size=4, max_len=256)
+    with pytest.raises(CapacityError):
+        core.add_request(req("x", 6, 4))           # needs 3 blocks, pool has 2
+    with pytest.raises(InvalidRequestError):
+        make_core(max_len=8)[0].add_request(req("y", 6, 4))
+    core.check_invariants()
+
+
+def test_abort_in_every_state_frees_blocks():
+    core, runner = make_core(num_blocks=8, budget=4, max_seqs=2)
+    for i in range(4):
+        core.add_request(req(i, 10, 5))
+    core.step()                                   # "0" prefilling (chunk), others waiting
+    assert core.kv_manager.num_held_blocks > 0
+    core.abort_requests(["0", "3"])
+    core.step()
+    assert "0" in runner.steps[-1].finished_request_ids
+    core.abort_requests(["1", "2"])
+    assert not core.has_unfinished_requests()
+    core.check_invariants()
+    assert core.kv_manager.pool.num_free_blocks == 8
+
+
+def test_stop_token_and_eos_and_min_tokens():
+    core, runner = make_core()
+    r = Request("e", [5, 6], SamplingParams(max_tokens=50, min_tokens=0), 50, frozenset(), 1.0)
+    core.add_request(r)
+    # make the fake model's first sampled token count as EOS
+    first = (sum([5, 6]) * 31 + 2) % 1000
+    r.eos_token_ids = frozenset([first])
+    run_all(core)
+    assert r.output_token_ids == [first] and r.finish_reason == FinishReason.STOP
+    r2 = Request("m", [5, 6], SamplingParams(max_tokens=50, min_tokens=3), 50, frozenset([first]), 1.0)
+    core.add_request(r2)
+    run_all(core)
+    assert len(r2.output_token_ids) >= 3
+    core.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 6)),
+                  min_size=1, max_size=12),
+    budget=st.integers(1, 48), max_seqs=st.integers(1, 6), block_size=st.sampled_from([1, 2, 4, 8]),
+    spare_blocks=st.integers(0, 20), chunked=st.booleans())
+def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, block_size,
+                                                        spare_blocks, chunked):
+    worst = max(p + m for p, m, _ in lens)
+    if not chunked:
+        budget = max(budget, worst)
+    num_blocks = -(-worst // block_size) + spare_blocks
+    core, runner = make_core(num_blocks, block_size, budget, max_seqs, worst, chunked)
+    pending = sorted(((arr, i, p, m) for i, (p, m, arr) in enumerate(lens)), key=lambda x: x[0])
+    outs, step = {}, 0
+    while pending or core.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, i, p, m = pending.pop(0)
+            core.add_request(req(i, p, m))
+        for o in core.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        sched = core.scheduler
+        assert sched.last_stats.num_scheduled_tokens <= budget
+        assert len(sched.running) <= max_seqs
+        step += 1
+        assert step < 20_000, "scheduler made no progress"
+    assert {int(k) for k in outs} == set(range(len(lens)))
+    for i, (p, m, _) in enumerate(lens):
+        assert len(outs[str(i)]) == m
+    core.check_invariants()
+    assert core.kv_manager.pool.num_free_blocks == num_blocks
