@@ -1,0 +1,48 @@
+"""Engine flags shared by every subcommand, spelled as vLLM spells them."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from conveyor.errors import InvalidRequestError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '4GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 4GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size in bytes (e.g. 2GiB); default: enough for max-num-seqs full contexts, at most 4GiB")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "reference"])
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name) <= 0:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
+    return dict(model=args.model, dtype=args.dtype, device=args.device,
+                max_model_len=args.max_model_len, block_size=args.block_size,
+                num_blocks=args.num_kv_blocks, kv_cache_bytes=args.kv_cache_memory,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed)

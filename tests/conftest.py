@@ -1,0 +1,71 @@
+"""Shared fixtures: the default model path, HF reference generation, engine stepping helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from conveyor.weights.loader import default_model_path
+    return default_model_path()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id) -> list[int]:
+    """transformers' greedy generate for one prompt alone: the correctness reference."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                             pad_token_id=eos_token_id, temperature=None, top_p=None, top_k=None)
+    return out[0, len(prompt_ids):].tolist()
+
+
+class StepRecorder:
+    """Wraps an engine's scheduler to keep every SchedulerOutput and the running set before it."""
+
+    def __init__(self, engine):
+        self.outputs = []
+        self.running_before = []
+        sched = engine.core.scheduler
+        original = sched.schedule
+
+        def schedule():
+            self.running_before.append({r.request_id for r in sched.running})
+            out = original()
+            self.outputs.append(out)
+            return out
+        sched.schedule = schedule
+
+    def joined_mid_flight(self) -> bool:
+        """Some request was first scheduled in a step where others were already running."""
+        return any(out.new_requests and before and not out.preempted_request_ids
+                   for out, before in zip(self.outputs, self.running_before))
+
+    def chunked_prefill_happened(self, engine_prompts: dict[str, int]) -> bool:
+        for out in self.outputs:
+            for new in out.new_requests:
+                if new.num_computed_tokens == 0 and out.num_scheduled_tokens[new.request_id] < engine_prompts[new.request_id]:
+                    return True
+        return False
+
+    def num_preemptions(self) -> int:
+        return sum(len(o.preempted_request_ids) for o in self.outputs)
+
+
+def run_engine(engine, max_steps: int = 100_000) -> dict:
+    finals = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert not engine.has_unfinished_requests()
+    return finals
