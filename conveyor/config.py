@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from conveyor.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING_POLICIES = ("continuous", "static", "dynamic")
+KV_ALLOCATIONS = ("paged", "reservation")
+# How long a partial batch waits before launching: static batching waits for a full batch,
+# dynamic batching launches after a short window.
+DEFAULT_BATCH_TIMEOUT_S = {"static": 30.0, "dynamic": 0.05, "continuous": 0.0}
 
 
 def _require(cond: bool, message: str, field: str) -> None:
@@ -50,8 +55,11 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
+    kv_allocation: str = "paged"
 
     def __post_init__(self) -> None:
+        _require(self.kv_allocation in KV_ALLOCATIONS,
+                 f"kv_allocation must be one of {KV_ALLOCATIONS}", "kv_allocation")
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                  "block_size must be a positive power of two", "block_size")
         _require(self.num_blocks is None or self.num_blocks > 0,
@@ -67,13 +75,27 @@ class SchedulerConfig:
     max_num_batched_tokens: tokens (prefill chunks + decodes) computed in one step.
     max_num_seqs: requests running at once (batch slots).
     enable_chunked_prefill: False makes a prompt wait until it fits the budget whole.
+    batching: "continuous" (iteration-level), or the "static" / "dynamic" baselines.
+    batch_timeout_s: how long a partial static/dynamic batch waits before launching.
     """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
+    batching: str = "continuous"
+    batch_timeout_s: float | None = None
+
+    @property
+    def launch_timeout_s(self) -> float:
+        if self.batch_timeout_s is not None:
+            return self.batch_timeout_s
+        return DEFAULT_BATCH_TIMEOUT_S[self.batching]
 
     def __post_init__(self) -> None:
+        _require(self.batching in BATCHING_POLICIES,
+                 f"batching must be one of {BATCHING_POLICIES}, got {self.batching!r}", "batching")
+        _require(self.batch_timeout_s is None or self.batch_timeout_s >= 0,
+                 "batch_timeout_s must be >= 0", "batch_timeout_s")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive",
                  "max_num_batched_tokens")
         _require(self.max_num_seqs > 0, "max_num_seqs must be positive", "max_num_seqs")

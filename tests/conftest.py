@@ -69,3 +69,18 @@ def run_engine(engine, max_steps: int = 100_000) -> dict:
                 finals[out.request_id] = out
     assert not engine.has_unfinished_requests()
     return finals
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random-weight Llama checkpoint (safetensors) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny_llama")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    d, f = os.path.split(smollm2_path)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
+    return str(path)

@@ -15,9 +15,11 @@ from conveyor.sampling_params import SamplingParams
 from fake_runner import FakeRunner
 
 
-def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=4, max_len=256, chunked=True):
+def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=4, max_len=256, chunked=True,
+              batching="continuous", kv_allocation="paged"):
     runner = FakeRunner(block_size)
-    core = EngineCore(runner, SchedulerConfig(budget, max_seqs, chunked), num_blocks, block_size, max_len)
+    cfg = SchedulerConfig(budget, max_seqs, chunked, batching, 0.0)
+    core = EngineCore(runner, cfg, num_blocks, block_size, max_len, kv_allocation=kv_allocation)
     return core, runner
 
 
@@ -151,19 +153,23 @@ def test_stop_token_and_eos_and_min_tokens():
     core.check_invariants()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     lens=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 6)),
                   min_size=1, max_size=12),
     budget=st.integers(1, 48), max_seqs=st.integers(1, 6), block_size=st.sampled_from([1, 2, 4, 8]),
-    spare_blocks=st.integers(0, 20), chunked=st.booleans())
+    spare_blocks=st.integers(0, 20), chunked=st.booleans(),
+    batching=st.sampled_from(["continuous", "static", "dynamic"]),
+    kv_allocation=st.sampled_from(["paged", "reservation"]))
 def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, block_size,
-                                                        spare_blocks, chunked):
+                                                        spare_blocks, chunked, batching,
+                                                        kv_allocation):
     worst = max(p + m for p, m, _ in lens)
     if not chunked:
         budget = max(budget, worst)
     num_blocks = -(-worst // block_size) + spare_blocks
-    core, runner = make_core(num_blocks, block_size, budget, max_seqs, worst, chunked)
+    core, runner = make_core(num_blocks, block_size, budget, max_seqs, worst, chunked, batching,
+                             kv_allocation)
     pending = sorted(((arr, i, p, m) for i, (p, m, arr) in enumerate(lens)), key=lambda x: x[0])
     outs, step = {}, 0
     while pending or core.has_unfinished_requests():
@@ -173,8 +179,10 @@ def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, 
         for o in core.step():
             outs.setdefault(o.request_id, []).extend(o.new_token_ids)
         sched = core.scheduler
-        assert sched.last_stats.num_scheduled_tokens <= budget
-        assert len(sched.running) <= max_seqs
+        assert sched.last_stats.num_scheduled_tokens <= sched.token_budget()
+        assert len(sched.running) <= max_seqs and len(sched.slot_of) <= max_seqs
+        if batching == "continuous":
+            assert sched.token_budget() == budget
         step += 1
         assert step < 20_000, "scheduler made no progress"
     assert {int(k) for k in outs} == set(range(len(lens)))

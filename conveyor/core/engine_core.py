@@ -11,9 +11,10 @@ import time
 from typing import Protocol
 
 from conveyor.config import SchedulerConfig
+from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.kv_cache_manager import KVCacheManager
-from conveyor.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from conveyor.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput, StepStats
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
 from conveyor.errors import CapacityError, InvalidRequestError
@@ -27,14 +28,22 @@ class EngineCore:
     """One engine: requests in, per-step token deltas out."""
 
     def __init__(self, executor: Executor, scheduler_config: SchedulerConfig, num_blocks: int,
-                 block_size: int, max_model_len: int, clock=time.monotonic):
+                 block_size: int, max_model_len: int, clock=time.monotonic,
+                 kv_allocation: str = "paged", record_steps: bool = False):
+        """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks)."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.clock = clock
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size)
-        self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock)
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size,
+                                         reserve_full=kv_allocation == "reservation")
+        if scheduler_config.batching == "continuous":
+            self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock)
+        else:
+            self.scheduler = BatchScheduler(scheduler_config, self.kv_manager, max_model_len,
+                                            scheduler_config.launch_timeout_s, clock)
         self.num_steps = 0
+        self.step_log: list[StepStats] | None = [] if record_steps else None
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises if it can never run (so it is not retried forever)."""
@@ -63,12 +72,18 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one iteration. Returns the requests that got a token (or finished) this step."""
+        start = self.clock()
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and not sched_out.finished_request_ids:
             return []
         runner_out = self.executor.execute(sched_out)
+        outputs = self.scheduler.update_from_output(sched_out, runner_out)
+        if self.step_log is not None and not sched_out.is_empty:
+            stats = self.scheduler.last_stats
+            stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
+            self.step_log.append(stats)
         self.num_steps += 1
-        return self.scheduler.update_from_output(sched_out, runner_out)
+        return outputs
 
     def check_invariants(self) -> None:
         """free + held == total; raises AssertionError on a leak."""

@@ -18,9 +18,12 @@ def cdiv(a: int, b: int) -> int:
 class KVCacheManager:
     """Allocates blocks as a request's tokens grow and frees them when it leaves."""
 
-    def __init__(self, block_pool: BlockPool, block_size: int):
+    def __init__(self, block_pool: BlockPool, block_size: int, reserve_full: bool = False):
+        """reserve_full: allocate prompt + max_tokens at admission (the Orca-era reservation
+        baseline) instead of growing block by block (paged)."""
         self.pool = block_pool
         self.block_size = block_size
+        self.reserve_full = reserve_full
         self._tables: dict[str, list[int]] = {}
 
     def num_blocks_for(self, num_tokens: int) -> int:
@@ -37,7 +40,10 @@ class KVCacheManager:
         them; on None nothing changed.
         """
         table = self._tables.setdefault(request.request_id, [])
-        needed = self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - len(table)
+        target = request.num_computed_tokens + num_new_tokens
+        if self.reserve_full:
+            target = max(target, request.num_prompt_tokens + request.max_tokens)
+        needed = self.num_blocks_for(target) - len(table)
         if needed <= 0:
             return []
         if not self.pool.can_allocate(needed):

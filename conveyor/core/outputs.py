@@ -42,8 +42,14 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_request_ids: set[str]            # runner drops their state (finished since last step)
     preempted_request_ids: set[str]           # runner drops their state; they come back as new
-    # Slots the policy keeps busy without useful work (static/dynamic baselines); 0 in continuous.
-    num_padding_tokens: int = 0
+    # Compute the static/dynamic baselines really spend on padding: each entry is one dummy
+    # sequence the runner executes and discards (a prompt padded to the batch's longest, or a
+    # finished member still holding its slot: length 1, logits computed too). Empty in continuous.
+    padding_seq_lens: list[int] = field(default_factory=list)
+
+    @property
+    def num_padding_tokens(self) -> int:
+        return sum(self.padding_seq_lens)
 
     @property
     def is_empty(self) -> bool:
@@ -75,8 +81,12 @@ class EngineCoreOutput:
 
 @dataclass(slots=True)
 class StepStats:
-    """What one step did, for metrics and benchmarks."""
+    """What one step did, for metrics and benchmarks (times are ``time.monotonic()``)."""
 
+    step_index: int = 0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    max_num_seqs: int = 0
     num_running: int = 0
     num_waiting: int = 0
     num_scheduled_tokens: int = 0
@@ -86,4 +96,5 @@ class StepStats:
     num_new_admissions: int = 0
     num_preemptions: int = 0
     kv_usage: float = 0.0
-    scheduled_request_ids: list[str] = field(default_factory=list)
+    slot_of: dict[str, int] = field(default_factory=dict)       # every slot holder -> slot index
+    useful_request_ids: list[str] = field(default_factory=list)  # computed real tokens this step

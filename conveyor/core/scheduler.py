@@ -15,6 +15,7 @@ Invariants asserted at the end of ``schedule()``: tokens scheduled <= budget, ru
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 
@@ -41,6 +42,17 @@ class Scheduler:
         self._runner_known: set[str] = set()     # requests the runner holds state for
         self.num_preemptions_total = 0
         self.last_stats = StepStats()
+        self.slot_of: dict[str, int] = {}        # batch slot held by each admitted request
+        self._free_slots = list(range(config.max_num_seqs))
+
+    # ------------------------------------------------------------------ batch slots
+    def _take_slot(self, req: Request) -> None:
+        self.slot_of[req.request_id] = heapq.heappop(self._free_slots)
+
+    def _release_slot(self, request_id: str) -> None:
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            heapq.heappush(self._free_slots, slot)
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
@@ -72,13 +84,21 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def _free(self, req: Request) -> None:
+        """A finished request leaves: blocks back to the pool, slot released, runner told."""
         self.kv.free(req)
+        self._release_slot(req.request_id)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
         if req.request_id in self._runner_known:
             self._runner_known.discard(req.request_id)
             self._finished_ids.add(req.request_id)
 
     # ------------------------------------------------------------------ schedule
+    def token_budget(self) -> int:
+        return self.config.max_num_batched_tokens
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
@@ -111,7 +131,7 @@ class Scheduler:
 
     def _schedule_waiting(self, budget, num_scheduled, new_blocks) -> list[Request]:
         admitted = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._free_slots:
             req = self.waiting[0]
             remaining = req.num_tokens - req.num_computed_tokens
             if not self.config.enable_chunked_prefill and remaining > budget:
@@ -121,18 +141,23 @@ class Scheduler:
             if blocks is None:
                 break
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if not req.first_scheduled_time:
-                req.first_scheduled_time = self.clock()
-            self.running.append(req)
+            self._admit(req)
             admitted.append(req)
             num_scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
         return admitted
 
+    def _admit(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        if not req.first_scheduled_time:
+            req.first_scheduled_time = self.clock()
+        self.running.append(req)
+        self._take_slot(req)
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._release_slot(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -140,7 +165,8 @@ class Scheduler:
         self._runner_known.discard(req.request_id)
         self.waiting.appendleft(req)
 
-    def _build_output(self, num_scheduled, new_blocks, preempted, admitted) -> SchedulerOutput:
+    def _build_output(self, num_scheduled, new_blocks, preempted, admitted,
+                      padding_seq_lens: list[int] | None = None) -> SchedulerOutput:
         new_reqs, cached = [], []
         for req in self.running:
             rid = req.request_id
@@ -155,7 +181,7 @@ class Scheduler:
                 self._runner_known.add(rid)
         total = sum(num_scheduled.values())
         out = SchedulerOutput(new_reqs, cached, num_scheduled, total, self._finished_ids,
-                              {r.request_id for r in preempted})
+                              {r.request_id for r in preempted}, padding_seq_lens or [])
         self._finished_ids = set()
         self._record_stats(out, admitted, len(preempted))
         self._check_step_invariants(out)
@@ -165,20 +191,21 @@ class Scheduler:
         decode = sum(1 for rid, n in out.num_scheduled_tokens.items()
                      if n == 1 and self._is_decode(rid))
         self.last_stats = StepStats(
+            max_num_seqs=self.config.max_num_seqs,
             num_running=len(self.running), num_waiting=len(self.waiting),
             num_scheduled_tokens=out.total_num_scheduled_tokens,
             num_prefill_tokens=out.total_num_scheduled_tokens - decode, num_decode_tokens=decode,
             num_padding_tokens=out.num_padding_tokens, num_new_admissions=len(admitted),
             num_preemptions=num_preempted, kv_usage=self.kv.pool.usage,
-            scheduled_request_ids=list(out.num_scheduled_tokens))
+            slot_of=dict(self.slot_of), useful_request_ids=list(out.num_scheduled_tokens))
 
     def _is_decode(self, rid: str) -> bool:
         req = self.requests[rid]
         return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
 
     def _check_step_invariants(self, out: SchedulerOutput) -> None:
-        assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
-        assert len(self.running) <= self.config.max_num_seqs
+        assert out.total_num_scheduled_tokens <= self.token_budget()
+        assert len(self.slot_of) <= self.config.max_num_seqs
         for rid in out.num_scheduled_tokens:
             assert self.requests[rid].status == RequestStatus.RUNNING
 

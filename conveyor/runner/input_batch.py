@@ -42,14 +42,27 @@ class FlatBatch:
     input_ids: torch.Tensor           # [T]
     positions: torch.Tensor           # [T]
     attn: AttentionMetadata
-    logits_indices: torch.Tensor      # [N] flat index of each sampling request's last token
+    logits_indices: torch.Tensor      # [N + P] last token of each sampling request, then of each
+                                      # length-1 padding sequence (computed, then discarded)
     sample_request_ids: list[str]     # [N]
 
 
 def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestState], block_size: int,
-                     device: torch.device) -> FlatBatch:
-    """Flatten the scheduled tokens of every request into one batch (no padding tokens)."""
+                     device: torch.device, scratch_block: int = 0) -> FlatBatch:
+    """Flatten the scheduled tokens of every request into one batch.
+
+    Real requests carry no padding. Padding sequences asked for by the static/dynamic baselines
+    (``sched.padding_seq_lens``) are laid out before them as dummy requests whose K/V go to a
+    scratch block, so their compute is really spent and their results are thrown away.
+    """
     ids, starts, q_lens, seq_lens, tables, sample_ids, logits_idx = [], [0], [], [], [], [], []
+    for n in sched.padding_seq_lens:
+        ids.append([0] * n)
+        q_lens.append(n)
+        seq_lens.append(n)
+        starts.append(starts[-1] + n)
+        tables.append([scratch_block] * (-(-n // block_size)))
+    pad_logits = [starts[i + 1] - 1 for i, n in enumerate(sched.padding_seq_lens) if n == 1]
     for rid, n in sched.num_scheduled_tokens.items():
         st = states[rid]
         nc = st.num_computed_tokens
@@ -73,6 +86,7 @@ def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestStat
         table_np[i, :len(t)] = t
     req_of_token = np.repeat(np.arange(len(tables)), q_lens_np)
     slots = table_np[req_of_token, positions // block_size] * block_size + positions % block_size
+    logits_idx += pad_logits
     flat_ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=starts[-1])
     to = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
     attn = AttentionMetadata(

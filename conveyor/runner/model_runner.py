@@ -16,8 +16,10 @@ from conveyor.sampling import Sampler, SamplingMetadata
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One tensor per layer with ``num_blocks`` pool blocks plus one scratch block (the last),
+    where the static/dynamic baselines' padding sequences write."""
     cfg = model.config
-    shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
     # Zeroed: padded attention reads slots past a sequence's end (masked, but 0 * NaN is NaN).
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
@@ -33,6 +35,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.vocab_size = model.config.vocab_size
+        self.scratch_block = kv_caches[0].shape[1] - 1
         self.states: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
         default = torch.Generator(device=device)
@@ -65,14 +68,17 @@ class ModelRunner:
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput([], [])
-        batch = build_flat_batch(sched, self.states, self.block_size, self.device)
+        batch = build_flat_batch(sched, self.states, self.block_size, self.device,
+                                 self.scratch_block)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, H]
         for rid, n in sched.num_scheduled_tokens.items():
             self.states[rid].num_computed_tokens += n
+        if batch.logits_indices.numel() == 0:
+            return ModelRunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[batch.logits_indices])              # [N + P, V]
         if not batch.sample_request_ids:
             return ModelRunnerOutput([], [])
-        logits = self.model.compute_logits(hidden[batch.logits_indices])              # [N, V]
-        return self._sample(logits, batch.sample_request_ids)
+        return self._sample(logits[:len(batch.sample_request_ids)], batch.sample_request_ids)
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
         states = [self.states[rid] for rid in request_ids]

@@ -34,8 +34,9 @@ _DEFAULT_KV_CAP_BYTES = 4 << 30
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
     model_keys = {"model", "dtype", "device", "max_model_len", "seed"}
-    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes"}
-    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill"}
+    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation"}
+    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
+                  "batch_timeout_s"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
     if unknown:
         raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")
@@ -47,7 +48,8 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
 class LLMEngine:
     """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "sdpa"):
+    def __init__(self, config: EngineConfig, attention_backend: str = "sdpa",
+                 record_steps: bool = False):
         self.config = config
         mc = config.model
         self.model_path = resolve_model_path(mc.model)
@@ -64,7 +66,8 @@ class LLMEngine:
                                  arch.max_position_embeddings, num_blocks * bs)
         kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
         self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed)
-        self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len)
+        self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
+                               kv_allocation=config.cache.kv_allocation, record_steps=record_steps)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self._ids = itertools.count()
         logger.info("model %s (%s) on %s, dtype %s; %s", self.model_path, arch.architecture,
@@ -75,8 +78,9 @@ class LLMEngine:
                     config.scheduler.max_num_batched_tokens)
 
     @classmethod
-    def from_kwargs(cls, attention_backend: str = "sdpa", **kwargs) -> "LLMEngine":
-        return cls(engine_config_from_kwargs(**kwargs), attention_backend)
+    def from_kwargs(cls, attention_backend: str = "sdpa", record_steps: bool = False,
+                    **kwargs) -> "LLMEngine":
+        return cls(engine_config_from_kwargs(**kwargs), attention_backend, record_steps)
 
     def _num_kv_blocks(self, arch) -> int:
         cc, bs = self.config.cache, self.config.cache.block_size
