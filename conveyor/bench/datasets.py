@@ -21,7 +21,11 @@ from conveyor.bench.workloads import BenchRequest, Workload, WorkloadError, stre
 
 def load_workload_file(path: str, tokenizer=None, num_requests: int | None = None,
                        max_tokens: int | None = None, seed: int = 0) -> Workload:
-    """Read a ``.jsonl`` replay file or a ShareGPT ``.json`` file (told apart by content)."""
+    """Read a ``.jsonl`` replay file or a ShareGPT ``.json`` file (told apart by content).
+
+    ``num_requests`` keeps the first N rows (JSONL) or samples N conversations (ShareGPT);
+    ``max_tokens`` overrides every request's.
+    """
     text = _read(path)
     if text.lstrip().startswith("["):
         return load_sharegpt(path, tokenizer, num_requests, max_tokens, seed, text=text)
@@ -39,9 +43,9 @@ def _read(path: str) -> str:
         raise WorkloadError(f"cannot read workload file {path!r}: {e}") from e
 
 
-def load_jsonl(path: str, tokenizer=None, default_max_tokens: int | None = None,
+def load_jsonl(path: str, tokenizer=None, max_tokens: int | None = None,
                text: str | None = None) -> Workload:
-    """Parse a JSONL replay file; ``default_max_tokens`` fills rows without ``max_tokens``."""
+    """Parse a JSONL replay file; ``max_tokens`` (if given) overrides every row's."""
     text = _read(path) if text is None else text
     reqs = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -54,7 +58,7 @@ def load_jsonl(path: str, tokenizer=None, default_max_tokens: int | None = None,
             raise WorkloadError(f"{where}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict):
             raise WorkloadError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        reqs.append(_row_to_request(row, where, len(reqs), tokenizer, default_max_tokens))
+        reqs.append(_row_to_request(row, where, len(reqs), tokenizer, max_tokens))
     if not reqs:
         raise WorkloadError(f"{path}: no requests in the file")
     has_arrivals = any(r.arrival_s > 0 for r in reqs)
@@ -63,9 +67,9 @@ def load_jsonl(path: str, tokenizer=None, default_max_tokens: int | None = None,
 
 
 def _row_to_request(row: dict, where: str, index: int, tokenizer,
-                    default_max_tokens: int | None) -> BenchRequest:
+                    override_max_tokens: int | None) -> BenchRequest:
     prompt, ids = _row_prompt(row, where, tokenizer)
-    max_tokens = row.get("max_tokens", default_max_tokens)
+    max_tokens = override_max_tokens if override_max_tokens is not None else row.get("max_tokens")
     if not _is_int(max_tokens) or max_tokens < 1:
         raise WorkloadError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}"
                             + ("" if "max_tokens" in row else " (or pass --output-len)"))
@@ -161,7 +165,9 @@ def _sharegpt_entry(entry, where: str, tokenizer, max_tokens, max_len) -> BenchR
     if not all(isinstance(v, str) for v in values):
         raise WorkloadError(f"{where}: each turn needs a string 'value'")
     ids = tokenizer.encode(values[0])
-    out_len = max_tokens if max_tokens is not None else len(tokenizer.encode(values[1], add_special_tokens=False))
+    out_len = max_tokens
+    if out_len is None:
+        out_len = len(tokenizer.encode(values[1], add_special_tokens=False))
     if len(ids) < 4 or out_len < 1 or len(ids) + out_len > max_len:
         return None
     return BenchRequest("", values[0], len(ids), out_len, prompt_token_ids=ids)

@@ -174,7 +174,8 @@ class TextSource:
     def __init__(self, tokenizer=None, vocab_size: int = 32000):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.pool = tokenizer.encode(BUILTIN_TEXT, add_special_tokens=False) if tokenizer else []
+        # The leading space makes the cyclic join read "... warm. The harbour ...".
+        self.pool = tokenizer.encode(" " + BUILTIN_TEXT, add_special_tokens=False) if tokenizer else []
 
     def take(self, n: int, rng: np.random.Generator) -> list[int]:
         if not self.pool:

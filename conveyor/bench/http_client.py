@@ -1,0 +1,122 @@
+"""HTTP load generator for any OpenAI-compatible server (conveyor, vLLM, llama.cpp, ...).
+
+Owns ``conveyor bench serve``'s client side: each request is sent at its arrival time (at most
+``max_concurrency`` in flight) to ``/v1/completions`` with ``stream: true``, ``ignore_eos`` and
+``max_tokens``; the arrival time of every streamed chunk is recorded. Output tokens are counted
+from the final ``usage`` object (asked for with ``stream_options.include_usage``) when the server
+sends one, else as the number of chunks carrying text. A failed request (HTTP error, connection
+error, an ``error`` event in the stream) is recorded with its message; the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import httpx
+from tqdm import tqdm
+
+from conveyor.bench.offline import RunResult
+from conveyor.bench.records import RequestRecord
+from conveyor.bench.workloads import BenchRequest, Workload
+from conveyor.errors import InvalidRequestError
+
+
+class ServerError(InvalidRequestError):
+    """The server cannot be benchmarked as asked (unreachable, no model list); says what to do."""
+
+
+def completion_payload(req: BenchRequest, model: str, send_token_ids: bool = False) -> dict:
+    """The /v1/completions body for one benchmark request (greedy, EOS ignored, streamed)."""
+    use_ids = send_token_ids and req.prompt_token_ids is not None
+    prompt = req.prompt_token_ids if use_ids else req.prompt
+    return {"model": model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+async def fetch_model_name(client: httpx.AsyncClient) -> str:
+    """The first model id of GET /v1/models."""
+    try:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise ServerError(f"could not read the model name from {client.base_url}v1/models ({e}); "
+                          "pass --model NAME") from e
+
+
+async def _stream_one(client: httpx.AsyncClient, payload: dict, rec: RequestRecord,
+                      t0: float) -> None:
+    content_chunks, usage = 0, None
+    async with client.stream("POST", "/v1/completions", json=payload) as resp:
+        if resp.status_code != 200:
+            body = (await resp.aread()).decode("utf-8", "replace")
+            rec.error = f"HTTP {resp.status_code}: {body[:300]}"
+            return
+        async for line in resp.aiter_lines():
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if not data:
+                continue
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("error"):
+                rec.error = f"server error: {json.dumps(event['error'])[:300]}"
+                return
+            now = time.perf_counter() - t0
+            choices = event.get("choices") or []
+            if choices and choices[0].get("text"):
+                rec.first_token = now if rec.first_token is None else rec.first_token
+                rec.chunk_times.append(now)
+                content_chunks += 1
+            usage = event.get("usage") or usage
+    rec.finish = time.perf_counter() - t0
+    rec.output_len = content_chunks
+    if usage and isinstance(usage.get("completion_tokens"), int):
+        rec.output_len = usage["completion_tokens"]
+    if usage and isinstance(usage.get("prompt_tokens"), int):
+        rec.prompt_len = usage["prompt_tokens"]
+
+
+async def _one(client, req: BenchRequest, payload: dict, t0: float, gate: asyncio.Semaphore | None,
+               bar) -> RequestRecord:
+    await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
+    async with gate if gate is not None else contextlib.nullcontext():
+        rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, time.perf_counter() - t0)
+        try:
+            await _stream_one(client, payload, rec, t0)
+        except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
+            rec.error = f"{type(e).__name__}: {e}"
+    bar.update(1)
+    return rec
+
+
+async def run_http_async(base_url: str, workload: Workload, model: str | None = None,
+                         label: str = "serve", max_concurrency: int | None = None,
+                         api_key: str | None = None, send_token_ids: bool = False,
+                         progress: bool = True, timeout_s: float = 3600.0) -> RunResult:
+    """Send ``workload`` to ``base_url`` and record every request; see the module docstring."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max_concurrency or max(1, len(workload.requests)))
+    timeout = httpx.Timeout(timeout_s, connect=30.0)
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+                                 limits=limits) as client:
+        model = model or await fetch_model_name(client)
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        bar = tqdm(total=len(workload.requests), desc=label, unit="req", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        tasks = [_one(client, r, completion_payload(r, model, send_token_ids), t0, gate, bar)
+                 for r in workload.requests]
+        records = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        bar.close()
+    config = {"base_url": base_url, "model": model, "max_concurrency": max_concurrency,
+              "send_token_ids": send_token_ids}
+    return RunResult(label, list(records), [], config, wall)
+
+
+def run_http(base_url: str, workload: Workload, **kwargs) -> RunResult:
+    """Synchronous wrapper around ``run_http_async`` (same keyword arguments)."""
+    return asyncio.run(run_http_async(base_url, workload, **kwargs))

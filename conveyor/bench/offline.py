@@ -1,0 +1,132 @@
+"""In-process load generator: drives an ``LLMEngine`` through a workload in wall-clock time.
+
+Owns the step loop of ``conveyor bench offline`` / ``compare``: a request is added when its
+arrival time comes (with that arrival time, so time spent waiting for a running step counts as
+queueing), the engine steps whenever it has work, and the loop sleeps only when the engine is idle
+and the next request has not arrived yet. Uses the engine's public API only: ``add_request``,
+``step``, ``has_unfinished_requests``, and the step log the engine keeps with ``record_steps=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from conveyor.bench.records import RequestRecord, StepSample, samples_from_step_log
+from conveyor.bench.workloads import BenchRequest, Workload
+from conveyor.errors import ConveyorError
+from conveyor.sampling_params import SamplingParams
+
+_HOLD_S = 0.001   # poll interval while the engine holds requests without running a step
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One measured run: its label, per-request records, step samples (in-process only), config,
+    and the offered load (``request_rate`` inf = all at once; None = arrivals from the file)."""
+
+    label: str
+    records: list[RequestRecord]
+    steps: list[StepSample] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    request_rate: float | None = None
+    burstiness: float | None = None
+
+
+def bench_params(max_tokens: int) -> SamplingParams:
+    """Greedy, EOS ignored: every request generates exactly ``max_tokens`` tokens."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def warm_up(engine, num_requests: int = 2, prompt_len: int = 16, max_tokens: int = 4) -> None:
+    """Run a few tiny requests to completion so one-time costs stay out of the measurement."""
+    for i in range(num_requests):
+        engine.add_request([11 + i] * prompt_len, bench_params(max_tokens), request_id=f"warmup-{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _step_log(engine) -> list | None:
+    return getattr(getattr(engine, "core", None), "step_log", None)
+
+
+def run_offline(engine, workload: Workload, label: str = "offline", config: dict | None = None,
+                progress: bool = True, id_prefix: str | None = None, clock=time.monotonic,
+                sleep=time.sleep) -> RunResult:
+    """Run ``workload`` through ``engine`` honouring arrival times; returns what was observed.
+
+    Engine request ids are ``<id_prefix>/<request id>`` (``id_prefix`` defaults to ``label``), so
+    several runs can share one engine.
+    Requests the engine rejects (too long for the context, too big for the KV cache) are recorded
+    as failed with the engine's message; the run goes on.
+    """
+    prefix = f"{id_prefix if id_prefix is not None else label}/"
+    pending = deque(sorted(workload.requests, key=lambda r: r.arrival_s))
+    log = _step_log(engine)
+    log_start = len(log) if log is not None else 0
+    records: dict[str, RequestRecord] = {}
+    bar = tqdm(total=len(pending), desc=label, unit="req", disable=not progress, leave=False)
+    t0 = clock()
+    while pending or engine.has_unfinished_requests():
+        now = clock() - t0
+        while pending and pending[0].arrival_s <= now:
+            req = pending.popleft()
+            records[req.request_id] = _submit(engine, req, prefix, t0)
+            if records[req.request_id].error:
+                bar.update(1)
+        wait = math.inf
+        if engine.has_unfinished_requests():
+            num_logged = len(log) if log is not None else 0
+            outputs = engine.step()
+            _collect(outputs, records, prefix, clock() - t0, bar)
+            if (len(log) > num_logged) if log is not None else bool(outputs):
+                continue
+            wait = _HOLD_S   # requests held but no step ran (a static batch waiting to launch)
+        if pending:
+            wait = min(wait, pending[0].arrival_s - (clock() - t0))
+        sleep(max(0.0, wait))
+    wall = clock() - t0
+    bar.close()
+    steps = samples_from_step_log(log[log_start:], t0, _max_num_seqs(engine)) if log is not None else []
+    ordered = [records[r.request_id] for r in workload.requests]
+    return RunResult(label, ordered, steps, dict(config or {}), wall)
+
+
+def _submit(engine, req: BenchRequest, prefix: str, t0: float) -> RequestRecord:
+    rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, req.arrival_s)
+    prompt = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
+    try:
+        engine.add_request(prompt, bench_params(req.max_tokens), request_id=prefix + req.request_id,
+                           arrival_time=t0 + req.arrival_s, priority=req.priority, tenant=req.tenant)
+    except ConveyorError as e:
+        rec.error = str(e)
+    return rec
+
+
+def _collect(outputs, records: dict[str, RequestRecord], prefix: str, now: float, bar) -> None:
+    for out in outputs:
+        rec = records.get(out.request_id.removeprefix(prefix))
+        if rec is None:
+            continue
+        comp = out.outputs[0]
+        if comp.delta_token_ids:
+            if rec.first_token is None:
+                rec.first_token = now
+            rec.chunk_times.append(now)
+        rec.output_len = len(comp.token_ids)
+        if out.finished:
+            rec.finish = now
+            rec.num_preemptions = out.metrics.num_preemptions
+            if comp.finish_reason in ("abort", "error"):
+                rec.error = out.error or f"finished with reason {comp.finish_reason!r}"
+            bar.update(1)
+
+
+def _max_num_seqs(engine) -> int:
+    config = getattr(engine, "config", None)
+    return getattr(getattr(config, "scheduler", None), "max_num_seqs", 1) or 1

@@ -1,0 +1,152 @@
+"""Benchmark reports: one JSON document, a console table, and where the plots went.
+
+Owns the report's schema (``SCHEMA``; documented in docs/bench.md) and its rendering. Every report
+carries the exact command line, ``conveyor.platform.describe()``, the conveyor version and the date,
+because numbers are only comparable with numbers from the same machine and code.
+Reports hold plain JSON values only: an infinite request rate is written as the string "inf".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+
+from conveyor.bench.metrics import ratio, summarize, summarize_steps
+from conveyor.bench.offline import RunResult
+
+SCHEMA = "conveyor.bench.report/1"
+BASELINE = "static"
+# ratio name -> path into a run entry, for the "vs_static" ratios.
+RATIO_KEYS = {
+    "request_throughput": ("summary", "request_throughput"),
+    "output_throughput": ("summary", "output_throughput"),
+    "goodput": ("summary", "goodput"),
+    "ttft_p50": ("summary", "ttft_ms", "p50"),
+    "ttft_p99": ("summary", "ttft_ms", "p99"),
+    "tpot_p50": ("summary", "tpot_ms", "p50"),
+    "e2e_p50": ("summary", "e2e_ms", "p50"),
+    "e2e_p99": ("summary", "e2e_ms", "p99"),
+    "slot_utilization": ("batch", "slot_utilization"),
+}
+
+
+def json_rate(rate: float | None) -> float | str | None:
+    return "inf" if rate is not None and math.isinf(rate) else rate
+
+
+def report_meta(mode: str, workload_spec: dict, argv: list[str] | None = None, **extra) -> dict:
+    """Who/what/where: command line, platform line, version, UTC date, workload description."""
+    import conveyor
+    from conveyor import platform
+    argv = sys.argv if argv is None else argv
+    prog = os.path.basename(argv[0]) if argv else "conveyor"
+    prog = "conveyor" if prog in ("__main__.py", "conveyor") else prog
+    command = shlex.join([prog, *argv[1:]])
+    return {"mode": mode, "command": command, "platform": platform.describe(),
+            "conveyor_version": conveyor.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "workload": workload_spec, **extra}
+
+
+def run_entry(run: RunResult, slos: dict[str, float] | None = None) -> dict:
+    """One run's section of the report: summary, batch metrics (or None) and per-request rows."""
+    batch = summarize_steps(run.steps)
+    return {
+        "label": run.label, "request_rate": json_rate(run.request_rate), "burstiness": run.burstiness,
+        "config": run.config, "wall_s": run.wall_s,
+        "summary": dataclasses.asdict(summarize(run.records, slos)),
+        "batch": dataclasses.asdict(batch) if batch is not None else None,
+        "requests": [_request_row(r) for r in run.records],
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _request_row(r) -> dict:
+    return {"id": r.request_id, "prompt_len": r.prompt_len, "max_tokens": r.max_tokens,
+            "output_len": r.output_len, "arrival_s": r.arrival, "ttft_ms": _ms(r.ttft),
+            "tpot_ms": _ms(r.tpot), "e2e_ms": _ms(r.e2e), "num_chunks": len(r.chunk_times),
+            "num_preemptions": r.num_preemptions, "error": r.error or None}
+
+
+def _lookup(entry: dict, path: tuple[str, ...]):
+    value = entry
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def add_ratios(entries: list[dict], baseline: str = BASELINE) -> None:
+    """Give every entry a ``vs_<baseline>`` dict: its metric / the baseline run's at the same rate."""
+    base_at = {e["request_rate"]: e for e in entries if e["label"] == baseline}
+    for entry in entries:
+        base = base_at.get(entry["request_rate"])
+        if base is not None:
+            entry[f"vs_{baseline}"] = {k: ratio(_lookup(entry, p), _lookup(base, p))
+                                       for k, p in RATIO_KEYS.items()}
+
+
+def build_report(meta: dict, entries: list[dict], plots: list[str] | None = None) -> dict:
+    return {"schema": SCHEMA, "meta": meta, "runs": entries, "plots": list(plots or [])}
+
+
+def write_json(report: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, allow_nan=False)
+        f.write("\n")
+    return path
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pair(dist: dict) -> str:
+    return f"{_fmt(dist['p50'], 0)}/{_fmt(dist['p99'], 0)}"
+
+
+_COLUMNS = [
+    ("run", lambda e: e["label"]),
+    ("rate", lambda e: _fmt(e["request_rate"], 2)),
+    ("ok/n", lambda e: f"{e['summary']['completed']}/{e['summary']['num_requests']}"),
+    ("req/s", lambda e: _fmt(e["summary"]["request_throughput"], 2)),
+    ("out tok/s", lambda e: _fmt(e["summary"]["output_throughput"])),
+    ("TTFT p50/p99 ms", lambda e: _pair(e["summary"]["ttft_ms"])),
+    ("ITL p50 ms", lambda e: _fmt(e["summary"]["itl_ms"]["p50"])),
+    ("TPOT p50 ms", lambda e: _fmt(e["summary"]["tpot_ms"]["p50"])),
+    ("E2E p50/p99 ms", lambda e: _pair(e["summary"]["e2e_ms"])),
+    ("goodput", lambda e: _fmt(e["summary"]["goodput"], 2)),
+    ("slot util", lambda e: _fmt((e["batch"] or {}).get("slot_utilization"), 2)),
+    ("pad tok", lambda e: _fmt((e["batch"] or {}).get("padding_tokens"))),
+    ("idle slot-steps", lambda e: _fmt((e["batch"] or {}).get("straggler_slot_steps"))),
+    ("KV", lambda e: _fmt((e["batch"] or {}).get("mean_kv_usage"), 2)),
+    ("x static", lambda e: _fmt((e.get(f"vs_{BASELINE}") or {}).get("output_throughput"), 2)),
+]
+
+
+def format_table(report: dict) -> str:
+    """The console summary: a header block, then one row per run (``x static`` = output tok/s ratio)."""
+    meta = report["meta"]
+    head = [f"conveyor bench {meta['mode']}  ({meta['date']}, conveyor {meta['conveyor_version']})",
+            f"command:  {meta['command']}", f"platform: {meta['platform']}"]
+    rows = [[name for name, _ in _COLUMNS]] + [[get(e) for _, get in _COLUMNS] for e in report["runs"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    slos = next((e["summary"]["slos_ms"] for e in report["runs"] if e["summary"]["slos_ms"]), None)
+    tail = [f"goodput SLOs (ms): {slos}"] if slos else []
+    tail += [f"plot: {p}" for p in report["plots"]]
+    return "\n".join(head + [""] + lines + ([""] + tail if tail else []))

@@ -1,0 +1,198 @@
+"""``conveyor bench offline | serve | compare``: measure batching policies on a workload.
+
+Thin: turns flags into a workload, an arrival process and engine keyword arguments, then calls
+``conveyor.bench``. Every run writes ``report.json`` and PNG plots into ``--output-dir`` and prints
+a table. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+
+from conveyor.cli.args import add_engine_args, engine_kwargs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark batching policies in-process or over HTTP")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+
+    off = bench_sub.add_parser("offline", help="drive conveyor's engine in-process")
+    _add_workload_args(off)
+    _add_policy_args(off)
+    add_engine_args(off)
+    off.set_defaults(func=run_offline_cmd)
+
+    srv = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server over HTTP")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
+    srv.add_argument("--model", default=None, help="model name to send (default: first of GET /v1/models)")
+    srv.add_argument("--tokenizer", default=None,
+                     help="HF directory or .gguf to build prompts and count tokens with "
+                          "(default: conveyor's default model; 'none' sends token ids)")
+    srv.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--send-token-ids", action="store_true",
+                     help="send prompts as token id lists (exact lengths; the server must accept them)")
+    srv.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds")
+    _add_workload_args(srv)
+    srv.set_defaults(func=run_serve_cmd)
+
+    cmp = bench_sub.add_parser("compare", help="no batching vs static vs dynamic vs continuous, "
+                                               "and reservation vs paged KV, on one workload")
+    cmp.add_argument("--kv-budget-requests", type=int, default=8,
+                     help="KV pool for the reservation/paged pair: this many worst-case requests")
+    cmp.add_argument("--batch-timeout", type=float, default=None,
+                     help="static/dynamic batch launch timeout in seconds (default: the engine's)")
+    cmp.add_argument("--policies", default=None,
+                     help="comma-separated subset of: no-batching,static,dynamic,continuous,"
+                          "continuous+reservation,continuous+paged")
+    _add_workload_args(cmp)
+    add_engine_args(cmp)
+    cmp.set_defaults(func=run_compare_cmd)
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", default=None, help="JSONL replay file or ShareGPT JSON (else synthetic)")
+    g.add_argument("--num-prompts", type=int, default=None, help="requests (default 64; a file: all)")
+    g.add_argument("--prompt-len", default="32,128,512",
+                   help="prompt tokens: 128 | uniform:32:512 | normal:128:32 | 32,128,512 | 32:1,512:3")
+    g.add_argument("--output-len", default=None,
+                   help="max_tokens, same syntax (default uniform:16:256); with --dataset, "
+                        "one number overriding the file's")
+    g.add_argument("--shared-prefix-len", type=int, default=None,
+                   help="every prompt starts with the same N-token system prompt; --prompt-len "
+                        "is then the question length")
+    g.add_argument("--request-rate", default=None,
+                   help="requests/s: inf (all at once, the default), 2.5, or a sweep 1,2,4,inf")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
+    g.add_argument("--workload-seed", type=int, default=0)
+    g.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000")
+    g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batching policy")
+    g.add_argument("--batching", default="continuous", choices=["static", "dynamic", "continuous"])
+    g.add_argument("--batch-timeout", type=float, default=None,
+                   help="static/dynamic: launch a partial batch after this many seconds")
+    g.add_argument("--kv-allocation", default="paged", choices=["paged", "reservation"])
+
+
+def build_workload(args, tokenizer):
+    from conveyor.bench.datasets import load_workload_file
+    from conveyor.bench.workloads import (LengthDist, WorkloadError, shared_prefix_workload,
+                                          synthetic_workload)
+    seed = args.workload_seed
+    if args.dataset:
+        fixed = LengthDist.parse(args.output_len) if args.output_len else None
+        if fixed is not None and fixed.kind != "fixed":
+            raise WorkloadError("with --dataset, --output-len is one number (it overrides the file's)")
+        max_tokens = int(fixed.values[0]) if fixed is not None else None
+        return load_workload_file(args.dataset, tokenizer, args.num_prompts, max_tokens, seed)
+    n = args.num_prompts if args.num_prompts is not None else 64
+    prompt = LengthDist.parse(args.prompt_len)
+    output = LengthDist.parse(args.output_len or "uniform:16:256")
+    vocab = tokenizer.vocab_size if tokenizer is not None else 32000
+    if args.shared_prefix_len is not None:
+        return shared_prefix_workload(n, args.shared_prefix_len, prompt, output, tokenizer, seed, vocab)
+    return synthetic_workload(n, prompt, output, tokenizer, seed, vocab)
+
+
+def rates_for(args, workload) -> list[float | None]:
+    """--request-rate, else the file's own arrivals (None), else everything at once."""
+    from conveyor.bench.arrivals import parse_rates
+    if args.request_rate is not None:
+        return parse_rates(args.request_rate)
+    return [None] if workload.spec.get("file_arrivals") else [math.inf]
+
+
+def _load_tokenizer(model: str | None):
+    from conveyor.tokenizer import load_tokenizer
+    from conveyor.weights.loader import resolve_model_path
+    return load_tokenizer(resolve_model_path(model))
+
+
+def _out_dir(args, mode: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return args.output_dir or os.path.join("bench-results", f"{mode}-{stamp}")
+
+
+def _finish(meta: dict, runs, args, mode: str) -> int:
+    from conveyor.bench.metrics import parse_slos
+    from conveyor.bench.report import format_table
+    from conveyor.bench.suite import write_outputs
+    out_dir = _out_dir(args, mode)
+    report = write_outputs(meta, runs, out_dir, parse_slos(args.goodput), plots=not args.no_plots)
+    print(format_table(report))
+    print(f"report: {os.path.join(out_dir, 'report.json')}")
+    return 0
+
+
+def _bench_engine_kwargs(args) -> dict:
+    kwargs = dict(engine_kwargs(args), record_steps=True)
+    for flag, key in (("batching", "batching"), ("kv_allocation", "kv_allocation"),
+                      ("batch_timeout", "batch_timeout_s")):
+        if getattr(args, flag, None) is not None:
+            kwargs[key] = getattr(args, flag)
+    return kwargs
+
+
+def _engine_factory(args):
+    from conveyor.serving.engine import LLMEngine
+    return lambda kwargs: LLMEngine.from_kwargs(attention_backend=args.attention_backend, **kwargs)
+
+
+def run_offline_cmd(args) -> int:
+    from conveyor.bench.report import report_meta
+    from conveyor.bench.suite import run_rates
+    kwargs = _bench_engine_kwargs(args)
+    engine = _engine_factory(args)(kwargs)
+    workload = build_workload(args, engine.tokenizer)
+    runs = run_rates(engine, args.batching, kwargs, workload, rates_for(args, workload),
+                     args.burstiness, args.workload_seed, not args.no_progress)
+    meta = report_meta("offline", workload.spec, engine=runs[0].config)
+    return _finish(meta, runs, args, "offline")
+
+
+def run_compare_cmd(args) -> int:
+    from conveyor.bench.report import report_meta
+    from conveyor.bench.suite import compare_variants, kv_budget_blocks, run_variants
+    workload = build_workload(args, _load_tokenizer(args.model))
+    rates = rates_for(args, workload)
+    kwargs = _bench_engine_kwargs(args)
+    bs = args.block_size
+    budget = kv_budget_blocks(workload, args.kv_budget_requests, bs)
+    user_sized = args.num_kv_blocks is not None or args.kv_cache_memory is not None
+    roomy = None if user_sized else args.max_num_seqs * -(-workload.max_request_tokens // bs)
+    only = args.policies.split(",") if args.policies else None
+    variants = compare_variants(args.max_num_seqs, budget, roomy, args.batch_timeout, only)
+    runs = run_variants(_engine_factory(args), kwargs, variants, workload, rates,
+                        args.burstiness, args.workload_seed, not args.no_progress)
+    meta = report_meta("compare", workload.spec, engine=runs[0].config if runs else {},
+                       kv_budget={"requests": args.kv_budget_requests, "num_blocks": budget,
+                                  "block_size": bs, "worst_case_tokens": workload.max_request_tokens})
+    return _finish(meta, runs, args, "compare")
+
+
+def run_serve_cmd(args) -> int:
+    from conveyor.bench.http_client import run_http
+    from conveyor.bench.report import report_meta
+    from conveyor.bench.suite import workload_at
+    tokenizer = None if (args.tokenizer or "").lower() == "none" else _load_tokenizer(args.tokenizer)
+    workload = build_workload(args, tokenizer)
+    runs = []
+    for rate in rates_for(args, workload):
+        run = run_http(args.base_url, workload_at(workload, rate, args.burstiness, args.workload_seed),
+                       model=args.model, label="serve", max_concurrency=args.max_concurrency,
+                       api_key=args.api_key, send_token_ids=args.send_token_ids or tokenizer is None,
+                       progress=not args.no_progress, timeout_s=args.timeout)
+        run.request_rate, run.burstiness = rate, None if rate is None else args.burstiness
+        runs.append(run)
+    meta = report_meta("serve", workload.spec, server={k: v for k, v in runs[0].config.items()})
+    return _finish(meta, runs, args, "serve")

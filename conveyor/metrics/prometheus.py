@@ -1,0 +1,117 @@
+"""Prometheus metrics for one server, named like vLLM's under a ``conveyor:`` prefix.
+
+Owns one ``CollectorRegistry`` per ``ServingMetrics`` instance (never the global registry, so two
+servers can live in one process). Gauges are read from an engine snapshot at scrape time; counters
+and histograms are fed by ``on_outputs`` with each batch of request outputs. Invariants:
+
+- every token counted once: ``generation_tokens_total`` adds each output's ``delta_token_ids``;
+- every finished choice is counted once in ``request_success_total{finished_reason}``;
+- per-request timing state is dropped when the request finishes.
+
+Thread-safe: ``on_outputs`` runs on the engine thread while scrapes run on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "conveyor:"
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Snapshot(Protocol):
+    """What the gauges read (``conveyor.serving.engine_thread.EngineSnapshot`` has these)."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, read: Callable[[], Snapshot | None]):
+        self._read = read
+
+    def collect(self):
+        snap = self._read()
+        if snap is None:
+            return
+        gauges = (("num_requests_running", "Requests running (in the batch).", snap.num_running),
+                  ("num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting),
+                  ("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).",
+                   snap.kv_cache_usage),
+                  ("kv_cache_free_blocks", "KV-cache blocks free.", snap.num_free_blocks),
+                  ("kv_cache_total_blocks", "KV-cache blocks in all.", snap.num_total_blocks))
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        yield CounterMetricFamily(PREFIX + "num_preemptions", "Preemptions since start.",
+                                  value=snap.num_preemptions_total)
+
+
+class ServingMetrics:
+    """Prometheus metrics of one server; ``render()`` gives the text exposition format."""
+
+    def __init__(self, read_snapshot: Callable[[], Snapshot | None]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.",
+                                         registry=r)
+        self.request_success = Counter(PREFIX + "request_success",
+                                       "Finished choices by finish reason.", ["finished_reason"],
+                                       registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between two outputs of a request.", buckets=_ITL_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to finish.",
+                             buckets=_REQUEST_BUCKETS, registry=r)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+                                    "Arrival to first scheduled.", buckets=_REQUEST_BUCKETS,
+                                    registry=r)
+        r.register(_SnapshotCollector(read_snapshot))
+        self._last_output_time: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def on_outputs(self, outputs, now: float) -> None:
+        """Count one batch of ``RequestOutput`` (deltas since the previous batch) seen at ``now``."""
+        with self._lock:
+            for out in outputs:
+                self._observe(out, now)
+
+    def _observe(self, out, now: float) -> None:
+        num_new = sum(len(c.delta_token_ids) for c in out.outputs)
+        last = self._last_output_time.get(out.request_id)
+        if num_new:
+            self.generation_tokens.inc(num_new)
+            if last is None:
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                self.ttft.observe(max(0.0, now - out.metrics.arrival_time))
+            else:
+                self.itl.observe(max(0.0, now - last))
+            self._last_output_time[out.request_id] = now
+        if not out.finished:
+            return
+        self._last_output_time.pop(out.request_id, None)
+        for choice in out.outputs:
+            self.request_success.labels(finished_reason=choice.finish_reason or "abort").inc()
+        if out.metrics.arrival_time:
+            self.e2e.observe(max(0.0, now - out.metrics.arrival_time))
+            if out.metrics.first_scheduled_time:
+                self.queue_time.observe(out.metrics.first_scheduled_time - out.metrics.arrival_time)

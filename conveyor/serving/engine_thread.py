@@ -1,0 +1,253 @@
+"""The engine thread behind ``AsyncEngine``: the only code that touches the ``LLMEngine``.
+
+Owns the command inbox (event loop -> thread), the step loop, and the hand-back of outputs
+(thread -> event loop through a callback the loop side provides). Invariants:
+
+- Only this thread calls into the ``LLMEngine``; it is not thread-safe.
+- Commands are applied between steps: adds first, then aborts (so an abort racing its own add
+  still lands), then one ``step()``. An abort therefore frees KV blocks before the next schedule.
+- With no command and no unfinished request the thread sleeps on a condition variable.
+- Outputs handed back are copies made on this thread, with deltas recomputed from the cumulative
+  text and tokens, so the loop side never sees an object this thread will mutate again.
+- Every request that was added gets exactly one finished output: "stop", "length", "abort", or
+  "error" when ``step()`` raised. After an error the thread exits and the inbox refuses adds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from conveyor.errors import ConveyorError
+from conveyor.sampling_params import SamplingParams
+from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+logger = logging.getLogger("conveyor.serving")
+
+
+class EngineDeadError(ConveyorError):
+    """The engine loop failed; no request can run until the server is restarted."""
+
+
+class OutputObserver(Protocol):
+    """Sees every batch of outputs on the engine thread (metrics); must be quick and not raise."""
+
+    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """Scheduler and KV-cache occupancy after the engine thread's last iteration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+
+
+@dataclass(slots=True)
+class AddCommand:
+    """One request for the thread to add; ``on_added(exc)`` reports the outcome (None = added)."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    tenant: str
+    arrival_time: float
+    on_added: Callable[[BaseException | None], None]
+
+
+@dataclass(slots=True)
+class _Batch:
+    adds: list[AddCommand] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    stop: bool = False
+
+
+class Inbox:
+    """Thread-safe hand-off of commands to the engine thread, plus the waiting-queue bound.
+
+    ``num_queued`` counts sequences not yet running: pending here, taken but not yet reflected in
+    the engine's waiting queue (in transit), or waiting in the engine at its last iteration.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._batch = _Batch()
+        self._num_pending = 0
+        self._num_in_transit = 0
+        self._num_engine_waiting = 0
+        self.closed_reason: str | None = None
+
+    def put_add(self, cmd: AddCommand, max_queued: int | None) -> bool:
+        """Queue an add; False when ``max_queued`` sequences are already queued. Raises if closed."""
+        with self._cond:
+            if self.closed_reason is not None:
+                raise EngineDeadError(self.closed_reason)
+            queued = self._num_pending + self._num_in_transit + self._num_engine_waiting
+            if max_queued is not None and queued + cmd.params.n > max_queued and queued > 0:
+                return False
+            self._batch.adds.append(cmd)
+            self._num_pending += cmd.params.n
+            self._cond.notify()
+        return True
+
+    def put_abort(self, request_id: str) -> None:
+        with self._cond:
+            self._batch.aborts.append(request_id)
+            self._cond.notify()
+
+    def put_stop(self) -> None:
+        with self._cond:
+            self._batch.stop = True
+            self._cond.notify()
+
+    def take(self, block: bool) -> _Batch:
+        """Everything queued so far; with ``block``, sleep until there is something."""
+        with self._cond:
+            while block and not (self._batch.adds or self._batch.aborts or self._batch.stop):
+                self._cond.wait()
+            batch, self._batch = self._batch, _Batch(stop=self._batch.stop)
+            self._num_in_transit += self._num_pending
+            self._num_pending = 0
+            return batch
+
+    def set_engine_waiting(self, num_waiting: int) -> None:
+        with self._cond:
+            self._num_engine_waiting = num_waiting
+            self._num_in_transit = 0
+
+    def close(self, reason: str) -> list[AddCommand]:
+        """Refuse further adds; returns the adds that were still pending."""
+        with self._cond:
+            self.closed_reason = reason
+            adds, self._batch.adds = self._batch.adds, []
+            return adds
+
+
+class EngineThread:
+    """Steps ``engine`` on a dedicated thread; outputs go to ``publish`` (called on this thread)."""
+
+    def __init__(self, engine: Any, inbox: Inbox, publish: Callable[[list[RequestOutput]], None],
+                 observer: OutputObserver | None = None):
+        self.engine = engine
+        self.inbox = inbox
+        self.publish = publish
+        self.observer = observer
+        self.snapshot = _take_snapshot(engine)
+        self.error: str | None = None                      # set once, when the engine died
+        self._live: dict[str, int] = {}                    # request id -> n, added and unfinished
+        self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> per choice (tokens, chars)
+        self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self.inbox.take(block=not self.engine.has_unfinished_requests())
+                outputs: list[RequestOutput] = []
+                for cmd in batch.adds:
+                    self._add(cmd)
+                for request_id in batch.aborts:
+                    outputs += self.engine.abort_request(request_id)
+                if batch.stop:
+                    for request_id in list(self._live):
+                        outputs += self.engine.abort_request(request_id)
+                elif self.engine.has_unfinished_requests():
+                    outputs += self.engine.step()
+                self._hand_back(outputs)
+                if batch.stop:
+                    for cmd in self.inbox.close("the engine has stopped"):
+                        cmd.on_added(EngineDeadError("the engine has stopped"))
+                    return
+        except Exception as exc:  # noqa: BLE001 - any failure of the engine must reach every client
+            self._die(exc)
+
+    def _add(self, cmd: AddCommand) -> None:
+        try:
+            self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
+                                    arrival_time=cmd.arrival_time, priority=cmd.priority,
+                                    tenant=cmd.tenant)
+        except Exception as exc:  # noqa: BLE001 - the engine rolled the request back; report it
+            cmd.on_added(exc)
+            return
+        self._live[cmd.request_id] = cmd.params.n
+        cmd.on_added(None)
+
+    def _hand_back(self, outputs: list[RequestOutput]) -> None:
+        frozen = [self._freeze(out) for out in outputs]
+        self.snapshot = _take_snapshot(self.engine)
+        self.inbox.set_engine_waiting(self.snapshot.num_waiting)
+        if not frozen:
+            return
+        if self.observer is not None:
+            try:
+                self.observer.on_outputs(frozen, time.monotonic())
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("output observer failed")
+        self.publish(frozen)
+
+    def _freeze(self, out: RequestOutput) -> RequestOutput:
+        """A copy of ``out`` whose deltas are exactly what changed since the last hand-back."""
+        sent = self._sent.setdefault(out.request_id, [(0, 0)] * len(out.outputs))
+        choices = []
+        for c in out.outputs:
+            num_tokens, num_chars = sent[c.index]
+            choices.append(CompletionOutput(
+                c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
+                None if c.logprobs is None else list(c.logprobs), c.cumulative_logprob,
+                delta_text=c.text[num_chars:], delta_token_ids=c.token_ids[num_tokens:],
+                delta_logprobs=[] if c.logprobs is None else c.logprobs[num_tokens:]))
+            sent[c.index] = (len(c.token_ids), len(c.text))
+        if out.finished:
+            self._sent.pop(out.request_id, None)
+            self._live.pop(out.request_id, None)
+        return RequestOutput(out.request_id, out.prompt, list(out.prompt_token_ids), choices,
+                             out.finished, out.metrics, out.num_cached_tokens, out.error)
+
+    def _die(self, exc: Exception) -> None:
+        message = f"the engine failed: {type(exc).__name__}: {exc}"
+        self.error = message
+        logger.error("%s; failing %d in-flight request(s)", message, len(self._live),
+                     exc_info=exc)
+        for cmd in self.inbox.close(message):
+            cmd.on_added(EngineDeadError(message))
+        outputs = [self._error_output(rid, n, message) for rid, n in list(self._live.items())]
+        self.publish(outputs)
+
+    def _error_output(self, request_id: str, n: int, message: str) -> RequestOutput:
+        try:
+            aborted = [self._freeze(o) for o in self.engine.abort_request(request_id)]
+        except Exception:  # noqa: BLE001 - the engine is broken; report without it
+            aborted = []
+        self._live.pop(request_id, None)
+        if aborted:
+            out = aborted[-1]
+        else:
+            out = RequestOutput(request_id, None, [], [CompletionOutput(i, "", []) for i in range(n)],
+                                True, RequestMetrics(0.0))
+        for choice in out.outputs:
+            if choice.finish_reason in (None, "abort"):
+                choice.finish_reason = "error"
+        out.finished, out.error = True, message
+        return out
+
+
+def _take_snapshot(engine: Any) -> EngineSnapshot:
+    scheduler, pool = engine.core.scheduler, engine.core.kv_manager.pool
+    return EngineSnapshot(len(scheduler.running), len(scheduler.waiting), pool.num_free_blocks,
+                          pool.num_blocks, pool.usage, scheduler.num_preemptions_total)

