@@ -141,3 +141,23 @@ def test_payload_shape():
         "model": "m", "prompt": "text", "max_tokens": 9, "temperature": 0.0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True}
     assert completion_payload(req, "m", send_token_ids=True)["prompt"] == [4]
+
+
+def test_cli_bench_serve_sweep_writes_a_report(fake_server, tmp_path):
+    import json as _json
+
+    from conveyor.cli import main
+    url, seen = fake_server
+    rc = main(["bench", "serve", "--base-url", url, "--tokenizer", "none", "--num-prompts", "4",
+               "--prompt-len", "5", "--output-len", "3,6", "--request-rate", "50,inf",
+               "--max-concurrency", "3", "--goodput", "ttft:60000", "--output-dir", str(tmp_path),
+               "--no-progress", "--no-plots"])
+    assert rc == 0
+    report = _json.loads((tmp_path / "report.json").read_text())
+    assert report["meta"]["mode"] == "serve" and report["meta"]["server"]["model"] == "fake-model"
+    assert [r["request_rate"] for r in report["runs"]] == [50.0, "inf"]
+    for run in report["runs"]:
+        s = run["summary"]
+        assert (s["completed"], s["total_output_tokens"]) == (4, 18)   # 2 x 3 + 2 x 6 tokens
+        assert s["goodput"] == pytest.approx(s["request_throughput"]) and run["batch"] is None
+    assert isinstance(seen["bodies"][-1]["prompt"], list) and len(seen["bodies"][-1]["prompt"]) == 5

@@ -29,7 +29,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor            # [B] int64, context length after this step (keys to attend)
     block_tables: torch.Tensor        # [B, max_blocks] int64, padded with 0
     slot_mapping: torch.Tensor        # [T] int64, KV write slot per token
-    query_lens_cpu: list[int]         # [B] host copies used for Python-side shapes
+    query_start_loc_cpu: list[int]    # [B + 1] host copies used for Python-side shapes
+    query_lens_cpu: list[int]         # [B]
     seq_lens_cpu: list[int]           # [B]
     max_query_len: int
     max_seq_len: int
@@ -71,7 +72,7 @@ class ReferenceAttention:
         write_kv(kv_cache, k, v, md.slot_mapping)
         out = torch.empty_like(q)
         group = self.num_heads // self.num_kv_heads
-        starts = md.query_start_loc.tolist()
+        starts = md.query_start_loc_cpu
         for i in range(md.num_reqs):
             s, e, seq_len = starts[i], starts[i + 1], md.seq_lens_cpu[i]
             if e == s:
@@ -89,11 +90,13 @@ class ReferenceAttention:
         return out
 
 
-class PaddedSdpaAttention:
-    """Vectorised paged attention: pads queries to [B, max_q] and runs one SDPA call.
+class SplitAttention:
+    """Vectorised paged attention: all decodes in one batched call, each prefill chunk on its own.
 
-    Key gathering and masking are batched; padding exists only inside this kernel (never in the
-    scheduler's token accounting) and costs B * max_q * max_seq score entries.
+    Decode rows (one query each) gather their keys into ``[B, S_max]`` and run one masked batched
+    matmul, with grouped-query heads handled by reshaping the queries (no K/V repetition). Prefill
+    chunks (few per step) each run one SDPA call over their own gathered context, so a long prompt
+    never pads the decode rows' queries.
     """
 
     name = "sdpa"
@@ -104,32 +107,51 @@ class PaddedSdpaAttention:
 
     def forward(self, q, k, v, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         write_kv(kv_cache, k, v, md.slot_mapping)
-        B, max_q, max_s = md.num_reqs, md.max_query_len, md.max_seq_len
-        bs = kv_cache.shape[2]
-        nb = -(-max_s // bs)
-        kv = kv_cache[:, md.block_tables[:, :nb]]                     # [2, B, nb, bs, Hkv, D]
-        kv = kv.flatten(2, 3)[:, :, :max_s].to(q.dtype)               # [2, B, S, Hkv, D]
-        keys = kv[0].transpose(1, 2)                                  # [B, Hkv, S, D]
-        vals = kv[1].transpose(1, 2)
+        out = torch.empty_like(q)
+        starts = md.query_start_loc_cpu
+        decode_rows = [i for i in range(md.num_reqs) if md.query_lens_cpu[i] == 1]
+        if decode_rows:
+            self._decode(q, kv_cache, md, decode_rows, out)
+        for i in range(md.num_reqs):
+            if md.query_lens_cpu[i] > 1:
+                s, e = starts[i], starts[i + 1]
+                out[s:e] = self._prefill(q[s:e], kv_cache, md.block_tables[i], md.seq_lens_cpu[i])
+        return out
+
+    def _decode(self, q, kv_cache, md, rows, out) -> None:
         dev = q.device
-        q_lens = md.query_start_loc[1:] - md.query_start_loc[:-1]     # [B]
-        j = torch.arange(max_q, device=dev)
-        valid_q = j[None, :] < q_lens[:, None]                        # [B, max_q]
-        tok_idx = (md.query_start_loc[:-1, None] + j[None, :]).clamp(max=q.shape[0] - 1)
-        qp = q[tok_idx].transpose(1, 2)                               # [B, Hq, max_q, D]
-        q_pos = md.seq_lens[:, None] - q_lens[:, None] + j[None, :]   # [B, max_q]
-        key_pos = torch.arange(max_s, device=dev)
-        allowed = key_pos[None, None, :] <= q_pos[:, :, None]         # [B, max_q, S]
-        allowed &= key_pos[None, None, :] < md.seq_lens[:, None, None]
-        allowed |= ~valid_q[:, :, None]                               # keep padded rows finite
-        out = F.scaled_dot_product_attention(
-            qp, keys, vals, attn_mask=allowed[:, None], scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)           # [B, Hq, max_q, D]
-        out = out.transpose(1, 2)                                     # [B, max_q, Hq, D]
-        return out[valid_q]                                           # [T, Hq, D]
+        all_rows = len(rows) == md.num_reqs
+        idx = None if all_rows else torch.tensor(rows, device=dev)
+        seq_lens = md.seq_lens if all_rows else md.seq_lens[idx]                 # [B]
+        tables = md.block_tables if all_rows else md.block_tables[idx]
+        max_s = max(md.seq_lens_cpu[i] for i in rows)
+        bs = kv_cache.shape[2]
+        kv = kv_cache[:, tables[:, :-(-max_s // bs)]].flatten(2, 3)[:, :, :max_s]  # [2, B, S, Hkv, D]
+        tok = md.query_start_loc[:-1] if all_rows else md.query_start_loc[idx]
+        b, g = len(rows), self.num_heads // self.num_kv_heads
+        qd = q[tok].view(b, self.num_kv_heads, g, self.head_dim)                 # [B, Hkv, G, D]
+        keys = kv[0].to(q.dtype).permute(0, 2, 3, 1)                             # [B, Hkv, D, S]
+        scores = torch.matmul(qd, keys) * self.scale                             # [B, Hkv, G, S]
+        pad = torch.arange(max_s, device=dev)[None, :] >= seq_lens[:, None]      # [B, S]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        vals = kv[1].to(q.dtype).transpose(1, 2)                                 # [B, Hkv, S, D]
+        res = torch.matmul(probs, vals).reshape(b, self.num_heads, self.head_dim)  # [B, Hq, D]
+        out[tok] = res
+
+    def _prefill(self, q, kv_cache, block_table, seq_len) -> torch.Tensor:
+        n = q.shape[0]
+        keys, vals = gather_kv(kv_cache, block_table, seq_len)                   # [S, Hkv, D]
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        allowed = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]   # [n, S]
+        res = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), vals.to(q.dtype).transpose(0, 1),
+            attn_mask=allowed, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)                      # [Hq, n, D]
+        return res.transpose(0, 1)
 
 
-BACKENDS = {"reference": ReferenceAttention, "sdpa": PaddedSdpaAttention}
+BACKENDS = {"reference": ReferenceAttention, "sdpa": SplitAttention}
 
 
 def make_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 
 from conveyor.cli.args import add_engine_args, engine_kwargs
+
+logger = logging.getLogger("conveyor.bench")
 
 
 def add_parser(sub) -> None:
@@ -118,6 +121,21 @@ def _load_tokenizer(model: str | None):
     return load_tokenizer(resolve_model_path(model))
 
 
+def _serve_tokenizer(path: str | None):
+    """--tokenizer PATH, 'none', or (default) conveyor's default model's when it is installed."""
+    from conveyor.errors import ModelLoadError
+    if (path or "").lower() == "none":
+        return None
+    try:
+        return _load_tokenizer(path)
+    except ModelLoadError:
+        if path is not None:
+            raise
+        logger.warning("no tokenizer (the default model is not installed): sending random token ids; "
+                       "pass --tokenizer PATH for text prompts")
+        return None
+
+
 def _out_dir(args, mode: str) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return args.output_dir or os.path.join("bench-results", f"{mode}-{stamp}")
@@ -170,11 +188,11 @@ def run_compare_cmd(args) -> int:
     budget = kv_budget_blocks(workload, args.kv_budget_requests, bs)
     user_sized = args.num_kv_blocks is not None or args.kv_cache_memory is not None
     roomy = None if user_sized else args.max_num_seqs * -(-workload.max_request_tokens // bs)
-    only = args.policies.split(",") if args.policies else None
+    only = [p.strip() for p in args.policies.split(",")] if args.policies else None
     variants = compare_variants(args.max_num_seqs, budget, roomy, args.batch_timeout, only)
     runs = run_variants(_engine_factory(args), kwargs, variants, workload, rates,
                         args.burstiness, args.workload_seed, not args.no_progress)
-    meta = report_meta("compare", workload.spec, engine=runs[0].config if runs else {},
+    meta = report_meta("compare", workload.spec, engine=dict(kwargs),
                        kv_budget={"requests": args.kv_budget_requests, "num_blocks": budget,
                                   "block_size": bs, "worst_case_tokens": workload.max_request_tokens})
     return _finish(meta, runs, args, "compare")
@@ -184,13 +202,12 @@ def run_serve_cmd(args) -> int:
     from conveyor.bench.http_client import run_http
     from conveyor.bench.report import report_meta
     from conveyor.bench.suite import workload_at
-    tokenizer = None if (args.tokenizer or "").lower() == "none" else _load_tokenizer(args.tokenizer)
-    workload = build_workload(args, tokenizer)
+    workload = build_workload(args, _serve_tokenizer(args.tokenizer))
     runs = []
     for rate in rates_for(args, workload):
         run = run_http(args.base_url, workload_at(workload, rate, args.burstiness, args.workload_seed),
                        model=args.model, label="serve", max_concurrency=args.max_concurrency,
-                       api_key=args.api_key, send_token_ids=args.send_token_ids or tokenizer is None,
+                       api_key=args.api_key, send_token_ids=args.send_token_ids,
                        progress=not args.no_progress, timeout_s=args.timeout)
         run.request_rate, run.burstiness = rate, None if rate is None else args.burstiness
         runs.append(run)

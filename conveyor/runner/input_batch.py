@@ -91,7 +91,8 @@ def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestStat
     to = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
     attn = AttentionMetadata(
         query_start_loc=to(np.asarray(starts, dtype=np.int64)), seq_lens=to(seq_np),
-        block_tables=to(table_np), slot_mapping=to(slots), query_lens_cpu=q_lens,
+        block_tables=to(table_np), slot_mapping=to(slots), query_start_loc_cpu=starts,
+        query_lens_cpu=q_lens,
         seq_lens_cpu=seq_lens, max_query_len=max(q_lens, default=0),
         max_seq_len=max(seq_lens, default=0))
     return FlatBatch(to(flat_ids), to(positions), attn,
