@@ -56,6 +56,7 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
     kv_allocation: str = "paged"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.kv_allocation in KV_ALLOCATIONS,

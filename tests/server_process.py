@@ -49,6 +49,10 @@ class ServerProcess:
         with open(self.log.name) as f:
             return f.read()
 
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -23,17 +23,19 @@ MAX_BODY = 65536
 
 @pytest.fixture(scope="module")
 def servers():
-    """All servers start together (loading overlaps); each test waits for the one it needs."""
+    """Both servers start together (loading overlaps); each test waits for the one it needs.
+    "small" runs one request at a time with one waiting: the full-queue and SIGTERM tests."""
     procs = {
         "main": ServerProcess("--max-num-seqs", "16", "--num-kv-blocks", "256",
                               "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes",
                               str(MAX_BODY), "--api-key", KEYS[0], "--api-key", KEYS[1]),
-        "flood": ServerProcess("--max-num-seqs", "1", "--max-waiting-requests", "1",
-                               "--num-kv-blocks", "32", "--max-model-len", "256"),
-        "sigterm": ServerProcess("--max-num-seqs", "8", "--num-kv-blocks", "300",
-                                 "--max-model-len", "2100", "--shutdown-timeout", "8"),
+        "small": ServerProcess("--max-num-seqs", "1", "--max-waiting-requests", "1",
+                               "--num-kv-blocks", "140", "--max-model-len", "2100",
+                               "--shutdown-timeout", "8"),
     }
     yield procs
+    for proc in procs.values():
+        proc.terminate()
     for proc in procs.values():
         proc.stop()
 
@@ -84,7 +86,8 @@ def test_streaming_equals_non_streaming_and_usage(client, tokenizer):
 
 
 def test_usage_n_logprobs_and_vllm_extras(client):
-    out = client.completions.create(prompt="Count: 1, 2,", max_tokens=7, n=3, seed=1, logprobs=2,
+    model = client.models.list().data[0].id
+    out = client.completions.create(model=model, prompt="Count: 1, 2,", max_tokens=7, n=3, seed=1, logprobs=2,
                                     extra_body={"ignore_eos": True, "top_k": 20, "min_p": 0.01})
     assert sorted(c.index for c in out.choices) == [0, 1, 2]
     for c in out.choices:
@@ -92,11 +95,11 @@ def test_usage_n_logprobs_and_vllm_extras(client):
         assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
     assert out.usage.completion_tokens == 21
     chat = client.chat.completions.create(
-        model=None or openai.NOT_GIVEN, messages=[{"role": "user", "content": "hi"}],
+        model=model, messages=[{"role": "user", "content": "hi"}],
         max_completion_tokens=5, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
-    stopped = client.completions.create(prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
+    stopped = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
                                         stop=[" 6"])
     assert stopped.choices[0].finish_reason == "stop" and " 6" not in stopped.choices[0].text
 
@@ -108,7 +111,7 @@ def test_concurrent_streams_with_clients_leaving(main_server):
     async def one(client: httpx.AsyncClient, i: int) -> int | None:
         cancelled = i in cancel_after
         body = {"prompt": f"Story {i}: once", "stream": True, "ignore_eos": True,
-                "max_tokens": 200 if cancelled else 8 + i % 33, "temperature": 0.7, "seed": i,
+                "max_tokens": 200 if cancelled else 8 + i % 25, "temperature": 0.7, "seed": i,
                 "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -137,7 +140,7 @@ def test_concurrent_streams_with_clients_leaving(main_server):
 
     before, results, after = asyncio.run(run())
     for i, tokens in enumerate(results):
-        assert tokens == (None if i in cancel_after else 8 + i % 33), i
+        assert tokens == (None if i in cancel_after else 8 + i % 25), i
     assert metric(after, "conveyor:num_requests_running") == 0
     assert metric(after, "conveyor:num_requests_waiting") == 0
     assert metric(after, "conveyor:kv_cache_free_blocks") == metric(after, "conveyor:kv_cache_total_blocks") == 256
@@ -147,7 +150,7 @@ def test_concurrent_streams_with_clients_leaving(main_server):
             if label in text else 0.0  # noqa: E731
         assert count(after) - count(before) == expected
     assert metric(after, "conveyor:generation_tokens_total") - \
-        metric(before, "conveyor:generation_tokens_total") >= sum(8 + i % 33 for i in range(48)
+        metric(before, "conveyor:generation_tokens_total") >= sum(8 + i % 25 for i in range(48)
                                                                    if i not in cancel_after)
 
 
@@ -205,7 +208,7 @@ def test_streamed_oversized_body_and_health_without_key(main_server):
 
 
 def test_full_queue_gets_429_with_retry_after(servers):
-    server = servers["flood"].wait_healthy()
+    server = servers["small"].wait_healthy()
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
@@ -227,43 +230,45 @@ def test_full_queue_gets_429_with_retry_after(servers):
     assert after.status_code == 200
 
 
-def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_zero(servers):
-    server = servers["sigterm"].wait_healthy()
+def test_sigterm_lets_running_requests_finish_aborts_the_rest_and_exits_zero(servers):
+    server = servers["small"].wait_healthy()
 
-    async def stream(c: httpx.AsyncClient, max_tokens: int, started: asyncio.Event, box: list):
+    async def stream(c: httpx.AsyncClient, max_tokens: int, accepted: asyncio.Event,
+                     started: asyncio.Event, box: list):
         body = {"prompt": "Tell me a story.", "max_tokens": max_tokens, "ignore_eos": True,
                 "stream": True}
         async with c.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            accepted.set()
             async for line in resp.aiter_lines():
                 if line.startswith("data: {"):
                     started.set()
-                    choice = json.loads(line[6:])["choices"][0]
-                    box.append(choice["finish_reason"])
+                    box.append(json.loads(line[6:])["choices"][0]["finish_reason"])
                 elif line == "data: [DONE]":
                     box.append("[DONE]")
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            events = [asyncio.Event() for _ in range(5)]
-            boxes = [[] for _ in range(5)]
-            lengths = [8, 8, 8, 2000, 2000]
-            tasks = [asyncio.create_task(stream(c, n, e, b))
-                     for n, e, b in zip(lengths, events, boxes)]
-            for e in events:
-                await asyncio.wait_for(e.wait(), 60)
+            accepted, started = [asyncio.Event(), asyncio.Event()], [asyncio.Event(), asyncio.Event()]
+            boxes = [[], []]
+            # One slot: the first request runs (and can finish within the shutdown timeout), the
+            # second waits, then runs, and is still generating when the timeout aborts it.
+            running = asyncio.create_task(stream(c, 40, accepted[0], started[0], boxes[0]))
+            await asyncio.wait_for(started[0].wait(), 60)
+            waiting = asyncio.create_task(stream(c, 2000, accepted[1], started[1], boxes[1]))
+            await asyncio.wait_for(accepted[1].wait(), 60)
             children = child_pids(server.proc.pid)
             server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             refused = await c.post("/v1/completions", json={"prompt": "late", "max_tokens": 2})
             health = await c.get("/health")
-            await asyncio.gather(*tasks)
+            await asyncio.gather(running, waiting)
             return boxes, refused, health, children
 
     boxes, refused, health, children = asyncio.run(run())
-    assert refused.status_code == 503 and health.status_code == 503
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert health.status_code == 503 and health.json()["status"] == "draining"
     assert server.proc.wait(60) == 0
-    for box in boxes[:3]:
-        assert box[-2:] == ["length", "[DONE]"]
-    for box in boxes[3:]:
-        assert box[-2:] == ["abort", "[DONE]"]
-    assert not children and not processes_mentioning(f"--port {server.port}")
+    assert boxes[0][-2:] == ["length", "[DONE]"]
+    assert boxes[1][-2:] == ["abort", "[DONE]"]
+    assert not children and not processes_mentioning(f"--port {server.port} ")

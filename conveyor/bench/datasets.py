@@ -32,6 +32,7 @@ def load_workload_file(path: str, tokenizer=None, num_requests: int | None = Non
     workload = load_jsonl(path, tokenizer, max_tokens, text=text)
     if num_requests is not None:
         workload.requests = workload.requests[:num_requests]
+        workload.spec["num_requests"] = len(workload.requests)
     return workload
 
 

@@ -22,17 +22,17 @@ from conveyor.bench.offline import RunResult
 SCHEMA = "conveyor.bench.report/1"
 BASELINE = "static"
 # ratio name -> path into a run entry, for the "vs_static" ratios.
-RATIO_KEYS = {
-    "request_throughput": ("summary", "request_throughput"),
-    "output_throughput": ("summary", "output_throughput"),
-    "goodput": ("summary", "goodput"),
-    "ttft_p50": ("summary", "ttft_ms", "p50"),
-    "ttft_p99": ("summary", "ttft_ms", "p99"),
-    "tpot_p50": ("summary", "tpot_ms", "p50"),
-    "e2e_p50": ("summary", "e2e_ms", "p50"),
-    "e2e_p99": ("summary", "e2e_ms", "p99"),
-    "slot_utilization": ("batch", "slot_utilization"),
-}
+RATIO_KEYS = (
+    ("request_throughput", ("summary", "request_throughput")),
+    ("output_throughput", ("summary", "output_throughput")),
+    ("goodput", ("summary", "goodput")),
+    ("ttft_p50", ("summary", "ttft_ms", "p50")),
+    ("ttft_p99", ("summary", "ttft_ms", "p99")),
+    ("tpot_p50", ("summary", "tpot_ms", "p50")),
+    ("e2e_p50", ("summary", "e2e_ms", "p50")),
+    ("e2e_p99", ("summary", "e2e_ms", "p99")),
+    ("slot_utilization", ("batch", "slot_utilization")),
+)
 
 
 def json_rate(rate: float | None) -> float | str | None:
@@ -90,7 +90,7 @@ def add_ratios(entries: list[dict], baseline: str = BASELINE) -> None:
         base = base_at.get(entry["request_rate"])
         if base is not None:
             entry[f"vs_{baseline}"] = {k: ratio(_lookup(entry, p), _lookup(base, p))
-                                       for k, p in RATIO_KEYS.items()}
+                                       for k, p in RATIO_KEYS}
 
 
 def build_report(meta: dict, entries: list[dict], plots: list[str] | None = None) -> dict:
@@ -117,7 +117,7 @@ def _pair(dist: dict) -> str:
     return f"{_fmt(dist['p50'], 0)}/{_fmt(dist['p99'], 0)}"
 
 
-_COLUMNS = [
+_COLUMNS = (
     ("run", lambda e: e["label"]),
     ("rate", lambda e: _fmt(e["request_rate"], 2)),
     ("ok/n", lambda e: f"{e['summary']['completed']}/{e['summary']['num_requests']}"),
@@ -133,7 +133,7 @@ _COLUMNS = [
     ("idle slot-steps", lambda e: _fmt((e["batch"] or {}).get("straggler_slot_steps"))),
     ("KV", lambda e: _fmt((e["batch"] or {}).get("mean_kv_usage"), 2)),
     ("x static", lambda e: _fmt((e.get(f"vs_{BASELINE}") or {}).get("output_throughput"), 2)),
-]
+)
 
 
 def format_table(report: dict) -> str:

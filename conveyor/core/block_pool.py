@@ -1,13 +1,18 @@
-"""A policy-free pool of fixed-size KV blocks with reference counts and a free list.
+"""A pool of fixed-size KV blocks: reference counts, an LRU free queue, and the prefix-cache map.
 
 The pool knows nothing about requests: the KV cache manager decides who holds which block.
-Invariant (checked by ``check_invariant``): every block is either free (ref count 0, in the free
-list exactly once) or held (ref count > 0, not in the free list).
+A block is either *held* (ref count > 0) or *free* (ref count 0, in the free queue exactly once).
+A free block may still carry a cached prefix hash: its contents stay valid and a later request
+with the same prefix can take it back (``touch``). Free blocks are reused least-recently-freed
+first, and only then is a cached block's hash evicted.
+
+Invariant (``check_invariant``): free + held == total; cached hashes point at blocks that carry
+that hash.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class BlockPool:
@@ -18,46 +23,87 @@ class BlockPool:
             raise ValueError("a block pool needs at least one block")
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}          # prefix hash -> block holding that content
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks allocatable now, evictable cached blocks included."""
         return len(self._free)
 
     @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (evictable)."""
+        return sum(1 for i in self._free if self._hash_of[i] is not None)
+
+    @property
     def usage(self) -> float:
-        """Share of blocks held, in [0, 1]."""
+        """Share of blocks held by live requests, in [0, 1] (evictable cached blocks count free)."""
         return 1.0 - len(self._free) / self.num_blocks
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks (ref count 1 each). Call ``can_allocate`` first."""
+        """Take ``n`` free blocks (ref count 1 each), evicting their cached hashes. Check first."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} blocks with {len(self._free)} free")
-        ids = [self._free.popleft() for _ in range(n)]
-        for i in ids:
+        ids = []
+        for _ in range(n):
+            i, _ = self._free.popitem(last=False)
+            self._evict(i)
             self._ref_counts[i] = 1
+            ids.append(i)
         return ids
 
+    def _evict(self, i: int) -> None:
+        h = self._hash_of[i]
+        if h is not None:
+            self._hash_of[i] = None
+            if self._cached.get(h) == i:
+                del self._cached[h]
+                self.num_evictions += 1
+
     def free(self, block_ids: list[int]) -> None:
-        """Drop one reference to each block; blocks reaching zero return to the free list."""
+        """Drop one reference to each block; blocks reaching zero join the free queue's tail
+        (most recently used), keeping their cached contents until evicted."""
         for i in block_ids:
             count = self._ref_counts[i]
             if count <= 0:
                 raise RuntimeError(f"block {i} freed while not held")
             self._ref_counts[i] = count - 1
             if count == 1:
-                self._free.append(i)
+                self._free[i] = None
+
+    # ------------------------------------------------------------------ prefix cache
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take a reference to cached blocks (a prefix hit); free ones leave the free queue."""
+        for i in block_ids:
+            if self._ref_counts[i] == 0:
+                del self._free[i]
+            self._ref_counts[i] += 1
+
+    def cache_block(self, block_id: int, block_hash: bytes) -> None:
+        """Record that a held, fully computed block holds the content named by ``block_hash``."""
+        if block_hash in self._cached or self._hash_of[block_id] is not None:
+            return                                   # same content cached elsewhere: keep that one
+        self._hash_of[block_id] = block_hash
+        self._cached[block_hash] = block_id
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
     def check_invariant(self) -> None:
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a block appears twice in the free list")
         for i, count in enumerate(self._ref_counts):
-            if (count == 0) != (i in free):
-                raise AssertionError(f"block {i}: ref count {count} but free={i in free}")
+            if (count == 0) != (i in self._free):
+                raise AssertionError(f"block {i}: ref count {count} but free={i in self._free}")
+            if count < 0:
+                raise AssertionError(f"block {i}: negative ref count")
+        for h, i in self._cached.items():
+            if self._hash_of[i] != h:
+                raise AssertionError(f"cached hash of block {i} is stale")

@@ -29,14 +29,16 @@ class EngineCore:
 
     def __init__(self, executor: Executor, scheduler_config: SchedulerConfig, num_blocks: int,
                  block_size: int, max_model_len: int, clock=time.monotonic,
-                 kv_allocation: str = "paged", record_steps: bool = False):
+                 kv_allocation: str = "paged", record_steps: bool = False,
+                 enable_prefix_caching: bool = False):
         """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks)."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.clock = clock
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size,
-                                         reserve_full=kv_allocation == "reservation")
+                                         reserve_full=kv_allocation == "reservation",
+                                         enable_prefix_caching=enable_prefix_caching)
         if scheduler_config.batching == "continuous":
             self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock)
         else:

@@ -1,11 +1,22 @@
-"""Per-request block tables over a ``BlockPool``.
+"""Per-request block tables over a ``BlockPool``, with prefix caching.
 
-Invariant after every step: a request's table holds exactly
-``ceil((num_computed_tokens + num_scheduled) / block_size)`` blocks while it runs, and nothing
-once it finished, aborted or was preempted (``free`` returns every block to the pool).
+Invariants after every step: a running request's table holds exactly
+``ceil((num_computed_tokens + num_scheduled) / block_size)`` blocks; a finished, aborted or
+preempted request holds none; every block's reference count equals the number of tables that
+contain it.
+
+Prefix caching: a full, computed block is named by a chained hash of (parent hash, its token
+ids, extra keys such as a per-request cache salt). The hash is keyed BLAKE2b with a secret drawn
+per process, so clients cannot forge collisions or probe another salt's entries offline. A new
+request reuses the longest chain of cached full blocks of its tokens, always leaving at least its
+last token to compute (its logits are needed).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from array import array
 
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.request import Request
@@ -16,15 +27,22 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    """Allocates blocks as a request's tokens grow and frees them when it leaves."""
+    """Allocates blocks as a request's tokens grow, shares cached prefixes, frees on exit."""
 
-    def __init__(self, block_pool: BlockPool, block_size: int, reserve_full: bool = False):
+    def __init__(self, block_pool: BlockPool, block_size: int, reserve_full: bool = False,
+                 enable_prefix_caching: bool = False):
         """reserve_full: allocate prompt + max_tokens at admission (the Orca-era reservation
         baseline) instead of growing block by block (paged)."""
         self.pool = block_pool
         self.block_size = block_size
         self.reserve_full = reserve_full
+        self.enable_prefix_caching = enable_prefix_caching
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}   # chained hashes of each request's full blocks
+        self._num_cached: dict[str, int] = {}       # leading blocks already registered in the pool
+        self._key = os.urandom(32)
+        self.num_prefix_queries = 0                  # prompt tokens looked up
+        self.num_prefix_hits = 0                     # of which found cached
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -33,6 +51,59 @@ class KVCacheManager:
         """The request's blocks in token order; the list is live (appended to in place)."""
         return self._tables.get(request_id, [])
 
+    # ------------------------------------------------------------------ prefix cache
+    def _block_hashes(self, request: Request) -> list[bytes]:
+        """Chained hashes of the request's full blocks, extended as its tokens grow."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        tokens, bs = request.all_token_ids, self.block_size
+        parent = hashes[-1] if hashes else request.cache_salt.encode()
+        for b in range(len(hashes), len(tokens) // bs):
+            h = hashlib.blake2b(array("q", tokens[b * bs:(b + 1) * bs]).tobytes(),
+                                key=self._key, digest_size=16, person=b"conveyor-kv")
+            h.update(parent)
+            parent = h.digest()
+            hashes.append(parent)
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> list[int]:
+        """Cached blocks covering the longest prefix of the request's tokens (not its last)."""
+        if not self.enable_prefix_caching or request.num_computed_tokens:
+            return []
+        limit = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for h in self._block_hashes(request)[:limit]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def take_computed_blocks(self, request: Request, blocks: list[int]) -> None:
+        """Adopt cache hits as the start of the request's table (before ``allocate_slots``)."""
+        if not blocks:
+            return
+        self.pool.touch(blocks)
+        self._tables[request.request_id] = list(blocks)
+        self._num_cached[request.request_id] = len(blocks)
+        request.num_computed_tokens = len(blocks) * self.block_size
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's newly full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        full = request.num_computed_tokens // self.block_size
+        done = self._num_cached.get(rid, 0)
+        if full <= done:
+            return
+        hashes, table = self._block_hashes(request), self._tables[rid]
+        for b in range(done, full):
+            self.pool.cache_block(table[b], hashes[b])
+        self._num_cached[rid] = full
+
+    # ------------------------------------------------------------------ allocation
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
         """Make room for ``num_new_tokens`` more computed tokens.
 
@@ -57,18 +128,31 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Return all of the request's blocks to the pool (idempotent)."""
         table = self._tables.pop(request.request_id, None)
+        self._num_cached.pop(request.request_id, None)
         if table:
-            # Free tail first so a later cache-aware pool evicts a sequence's tail before its head.
+            # Tail first: under LRU reuse a sequence's tail is evicted before its shared head.
             self.pool.free(table[::-1])
+
+    def forget(self, request: Request) -> None:
+        """Drop per-request hash state once the request is gone for good."""
+        self._hashes.pop(request.request_id, None)
 
     @property
     def num_held_blocks(self) -> int:
-        return sum(len(t) for t in self._tables.values())
+        """Distinct blocks held by live requests."""
+        return len({b for t in self._tables.values() for b in t})
 
     def check_invariant(self) -> None:
-        """free + held == total, and the pool's own bookkeeping is consistent."""
+        """free + held == total, and ref counts equal the number of tables holding each block."""
         self.pool.check_invariant()
-        held = self.num_held_blocks
-        if held + self.pool.num_free_blocks != self.pool.num_blocks:
+        counts: dict[int, int] = {}
+        for t in self._tables.values():
+            for b in t:
+                counts[b] = counts.get(b, 0) + 1
+        for b, c in counts.items():
+            if self.pool.ref_count(b) != c:
+                raise AssertionError(f"block {b}: ref count {self.pool.ref_count(b)}, {c} holders")
+        if len(counts) + self.pool.num_free_blocks != self.pool.num_blocks:
             raise AssertionError(
-                f"block leak: {held} held + {self.pool.num_free_blocks} free != {self.pool.num_blocks}")
+                f"block leak: {len(counts)} held + {self.pool.num_free_blocks} free "
+                f"!= {self.pool.num_blocks}")

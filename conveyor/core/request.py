@@ -64,10 +64,12 @@ class Request:
     arrival_time: float = 0.0
     priority: int = 0
     tenant: str = ""
+    cache_salt: str = ""                # isolates this request's prefix-cache entries
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0          # prompt tokens served from the prefix cache at admission
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     first_scheduled_time: float = 0.0

@@ -90,6 +90,7 @@ class Scheduler:
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
+        self.kv.forget(req)
         self.requests.pop(req.request_id, None)
         if req.request_id in self._runner_known:
             self._runner_known.discard(req.request_id)
@@ -133,13 +134,10 @@ class Scheduler:
         admitted = []
         while self.waiting and budget > 0 and self._free_slots:
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
-            if not self.config.enable_chunked_prefill and remaining > budget:
-                break
-            n = min(remaining, budget)
-            blocks = self.kv.allocate_slots(req, n)
+            blocks = self._allocate_with_prefix_cache(req, budget)
             if blocks is None:
                 break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.waiting.popleft()
             self._admit(req)
             admitted.append(req)
@@ -147,6 +145,23 @@ class Scheduler:
             new_blocks[req.request_id] = blocks
             budget -= n
         return admitted
+
+    def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
+        """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
+        changed) when it does not fit the budget rule or the pool."""
+        hits = self.kv.get_computed_blocks(req)
+        self.kv.take_computed_blocks(req, hits)
+        remaining = req.num_tokens - req.num_computed_tokens
+        blocks = None
+        if self.config.enable_chunked_prefill or remaining <= budget:
+            blocks = self.kv.allocate_slots(req, min(remaining, budget))
+        if blocks is None:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+            return None
+        if not req.first_scheduled_time:
+            req.num_cached_tokens = req.num_computed_tokens
+        return hits + blocks
 
     def _admit(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
@@ -218,6 +233,7 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None:
                 req.num_computed_tokens += n
+                self.kv.cache_computed_blocks(req)
         outputs = []
         for row, rid in enumerate(runner_out.request_ids):
             req = self.requests.get(rid)

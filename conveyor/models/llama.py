@@ -1,8 +1,9 @@
-"""The Llama family as one module tree with HF parameter names.
+"""The Llama family as one module tree with HF parameter names (q/k/v and gate/up fused).
 
 Llama 2/3 (with rope scaling), SmolLM2 (tied embeddings), Mistral and Qwen2 (q/k/v bias) differ
 only in ``ArchConfig`` flags. ``forward`` is a function of flat tensors plus attention metadata:
-no Python branching on request state inside the layers.
+no Python branching on request state inside the layers. Checkpoints use HF's names; the loader
+stacks q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``FUSED_PARAMS``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,26 @@ from torch import nn
 from conveyor.attention.backend import AttentionMetadata, make_attention
 from conveyor.models.config import ArchConfig
 from conveyor.models.rope import RotaryEmbedding
+
+
+# fused parameter -> the HF parameters stacked into it, in order (along the output dimension)
+FUSED_PARAMS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named weights -> this module tree's names (stack q/k/v and gate/up per layer)."""
+    out = dict(state)
+    for key in [k for k in state if ".self_attn.q_proj." in k or ".mlp.gate_proj." in k]:
+        for fused, parts in FUSED_PARAMS.items():
+            if f".{parts[0]}." in key:
+                prefix, suffix = key.split(f".{parts[0]}.")
+                names = [f"{prefix}.{p}.{suffix}" for p in parts]
+                if all(n in out for n in names):
+                    out[f"{prefix}.{fused}.{suffix}"] = torch.cat([out.pop(n) for n in names])
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -30,36 +51,42 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """q/k/v projections run as one fused GEMM (``qkv_proj``, loaded from HF's three)."""
+
     def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         self.rope = rope
         self.attn = make_attention(backend, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5)
 
     def forward(self, positions, x, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)        # [T, Hq, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)     # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)     # [T, Hkv, D]
+        qkv = self.qkv_proj(x)                                           # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)                     # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)                  # [T, Hkv, D]
+        v = v.contiguous().view(t, self.num_kv_heads, self.head_dim)     # [T, Hkv, D]
         q, k = self.rope(positions, q, k)
         out = self.attn.forward(q, k, v, kv_cache, md)                   # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))                           # [T, H]
 
 
 class MLP(nn.Module):
+    """SwiGLU; gate and up projections run as one fused GEMM (``gate_up_proj``)."""
+
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)   # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

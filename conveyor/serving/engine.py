@@ -34,7 +34,8 @@ _DEFAULT_KV_CAP_BYTES = 4 << 30
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
     model_keys = {"model", "dtype", "device", "max_model_len", "seed"}
-    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation"}
+    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
+                  "enable_prefix_caching"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
                   "batch_timeout_s"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
@@ -67,7 +68,9 @@ class LLMEngine:
         kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
         self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed)
         self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
-                               kv_allocation=config.cache.kv_allocation, record_steps=record_steps)
+                               kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
+                               enable_prefix_caching=config.cache.enable_prefix_caching
+                               and config.scheduler.batching == "continuous")
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self._ids = itertools.count()
         logger.info("model %s (%s) on %s, dtype %s; %s", self.model_path, arch.architecture,
@@ -104,7 +107,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    priority: int = 0, tenant: str = "") -> str:
+                    priority: int = 0, tenant: str = "", cache_salt: str = "") -> str:
         """Validate, tokenize and queue a request (n > 1 fans out). Returns its id."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -118,7 +121,7 @@ class LLMEngine:
                 child_params = _replace_seed(params, params.seed + i)
             children.append(Request(
                 f"{request_id}#{i}" if params.n > 1 else request_id, prompt_ids, child_params,
-                max_tokens, self.eos_token_ids, arrival, priority, tenant))
+                max_tokens, self.eos_token_ids, arrival, priority, tenant, cache_salt))
         self.output_processor.add(request_id, prompt_text, prompt_ids, params, children)
         try:
             for child in children:

@@ -116,7 +116,8 @@ class OutputProcessor:
             max(c.request.finished_time for c in parent.children) if parent.finished else 0.0,
             sum(c.request.num_preemptions for c in parent.children))
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                            [c.completion for c in parent.children], parent.finished, metrics)
+                            [c.completion for c in parent.children], parent.finished, metrics,
+                            num_cached_tokens=first.num_cached_tokens)
         if parent.finished:
             self.parents.pop(parent.request_id, None)
             for c in parent.children:

@@ -14,7 +14,7 @@ import torch
 
 from conveyor.errors import ModelLoadError
 from conveyor.models.config import ArchConfig
-from conveyor.models.llama import LlamaForCausalLM
+from conveyor.models.llama import LlamaForCausalLM, fuse_hf_state_dict
 from conveyor.models.rope import RotaryEmbedding
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,7 +68,7 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, attention_backend)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    state = fuse_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
     expected = {k for k, _ in model.named_parameters()}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     unexpected = {k for k in unexpected if "rotary_emb" not in k}
