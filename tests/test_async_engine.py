@@ -5,6 +5,7 @@ aborts, timeouts and drains end requests with "abort", an idle engine sleeps, an
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -238,4 +239,69 @@ def test_step_failure_fails_in_flight_requests_and_kills_engine(engine, monkeypa
     for outs in results:
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error"
         assert "simulated device failure" in outs[-1].error
+    assert_all_blocks_free(engine)
+
+
+async def _serve_in_process(app, scenario):
+    """Run ``scenario(client)`` against ``app`` with its lifespan (model loading) running."""
+    import httpx
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await scenario(client)
+
+
+def test_health_is_503_while_loading_then_200(engine):
+    from conveyor.serving.server import ServerConfig, build_app
+    release = threading.Event()
+    app = build_app(ServerConfig(), lambda: release.wait(60) and engine)
+
+    async def scenario(client):
+        loading = await client.get("/health")
+        models = await client.get("/v1/models")
+        release.set()
+        for _ in range(200):
+            ready = await client.get("/health")
+            if ready.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        return loading, models, ready
+
+    loading, models, ready = asyncio.run(_serve_in_process(app, scenario))
+    assert loading.status_code == 503 and loading.json()["status"] == "loading"
+    assert models.status_code == 503 and models.json()["error"]["code"] == "model_loading"
+    assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+
+
+def test_engine_failure_over_http_reports_errors_and_health_503(engine, monkeypatch):
+    from conveyor.serving.server import ServerConfig, build_app
+    original = engine.runner.execute
+    calls = []
+
+    def execute(sched):
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("simulated kernel crash")
+        return original(sched)
+
+    async def scenario(client):
+        while (await client.get("/health")).status_code != 200:
+            await asyncio.sleep(0.05)
+        monkeypatch.setattr(engine.runner, "execute", execute)
+        body = {"prompt": prompt(6), "max_tokens": 50, "ignore_eos": True}
+        streamed, plain = await asyncio.gather(
+            client.post("/v1/completions", json={**body, "stream": True}),
+            client.post("/v1/completions", json=body))
+        return streamed, plain, await client.get("/health"), \
+            await client.post("/v1/completions", json=body)
+
+    app = build_app(ServerConfig(), lambda: engine)
+    streamed, plain, health, late = asyncio.run(_serve_in_process(app, scenario))
+    monkeypatch.setattr(engine.runner, "execute", original)
+    events = [e for e in streamed.text.split("\n\n") if e]
+    assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
+    assert "simulated kernel crash" in json.loads(events[-2][6:])["error"]["message"]
+    assert plain.status_code == 500 and "simulated kernel crash" in plain.json()["error"]["message"]
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "engine_dead"
     assert_all_blocks_free(engine)

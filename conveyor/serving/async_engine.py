@@ -70,8 +70,7 @@ class RequestStream:
         return out
 
     def close(self) -> None:
-        if not self.finished:
-            self._engine.abort(self.request_id)
+        pass
 
 
 class AsyncEngine:

@@ -89,6 +89,12 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         folder, name = os.path.split(os.path.abspath(path))
+        cached = _converted_cache_dir(path)
+        if cached is not None and os.path.isfile(os.path.join(cached, "tokenizer.json")):
+            try:
+                return cls.from_hf_dir(cached, chat_template)
+            except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt below
+                pass
         try:
             hf = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         except Exception as exc:
@@ -103,6 +109,7 @@ class Tokenizer:
             chat_template = hf.chat_template
             if not isinstance(chat_template, str):
                 chat_template = read_gguf_chat_template(path)
+        _save_converted(hf, chat_template, cached)
         return cls(hf, chat_template)
 
     def with_chat_template(self, chat_template: str | None) -> Tokenizer:
@@ -266,3 +273,31 @@ def _read_generation_eos_ids(path: str) -> frozenset[int]:
     eos = config.get("eos_token_id")
     ids = eos if isinstance(eos, list) else [eos]
     return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
+def _converted_cache_dir(path: str) -> str | None:
+    """Where the HF conversion of a GGUF tokenizer is kept: converting takes seconds, loading the
+    saved tokenizer.json a fraction of one. Keyed by the file's absolute path, size and mtime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    import hashlib
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = os.environ.get("CONVEYOR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "conveyor")
+    return os.path.join(root, "tokenizers", key)
+
+
+def _save_converted(hf, chat_template: str | None, cache_dir: str | None) -> None:
+    if cache_dir is None:
+        return
+    try:
+        tmp = f"{cache_dir}.tmp{os.getpid()}"
+        hf.save_pretrained(tmp)
+        if chat_template is not None:
+            with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+                f.write(chat_template)
+        os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
+        os.replace(tmp, cache_dir)            # atomic: concurrent loaders see all or nothing
+    except OSError:
+        pass                                  # caching is an optimisation only
