@@ -85,6 +85,12 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     batching: str = "continuous"
     batch_timeout_s: float | None = None
+    fair_scheduling: bool = False
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def tenant_weights_dict(self) -> dict[str, float]:
+        return dict(self.tenant_weights)
 
     @property
     def launch_timeout_s(self) -> float:
@@ -97,6 +103,10 @@ class SchedulerConfig:
                  f"batching must be one of {BATCHING_POLICIES}, got {self.batching!r}", "batching")
         _require(self.batch_timeout_s is None or self.batch_timeout_s >= 0,
                  "batch_timeout_s must be >= 0", "batch_timeout_s")
+        if isinstance(self.tenant_weights, dict):
+            object.__setattr__(self, "tenant_weights", tuple(sorted(self.tenant_weights.items())))
+        _require(all(w > 0 for _, w in self.tenant_weights), "tenant weights must be > 0",
+                 "tenant_weights")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive",
                  "max_num_batched_tokens")
         _require(self.max_num_seqs > 0, "max_num_seqs must be positive", "max_num_seqs")

@@ -119,9 +119,21 @@ def test_abort_in_any_state_frees_blocks(engine, monkeypatch, state):
     assert_all_blocks_free(engine)
 
 
+class FinishRecorder:
+    """An output observer keeping each request's finished output."""
+
+    def __init__(self):
+        self.finished = {}
+
+    def on_outputs(self, outputs, now):
+        self.finished.update((o.request_id, o) for o in outputs if o.finished)
+
+
 def test_stream_deltas_add_up_and_leaving_a_stream_aborts_it(engine):
+    recorder = FinishRecorder()
+
     async def scenario():
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(engine, observer=recorder)
         ae.start()
         text, tokens = "", []
         async for out in ae.generate(prompt(10), SamplingParams(n=2, max_tokens=12, seed=3,
@@ -129,13 +141,13 @@ def test_stream_deltas_add_up_and_leaving_a_stream_aborts_it(engine):
             text += out.outputs[1].delta_text
             tokens += out.outputs[1].delta_token_ids
         final = out.outputs[1]
-        gen = ae.generate(prompt(10, 1), greedy(200))
+        gen = ae.generate(prompt(10, 1), greedy(200), request_id="left-after-first-token")
         async for _ in gen:
             break
-        await gen.aclose()       # the client left after its first token
+        await gen.aclose()
 
         async def consume():
-            async for _ in ae.generate(prompt(10, 2), greedy(200)):
+            async for _ in ae.generate(prompt(10, 2), greedy(200), request_id="cancelled"):
                 pass
         task = asyncio.create_task(consume())
         await asyncio.sleep(0.2)
@@ -150,6 +162,9 @@ def test_stream_deltas_add_up_and_leaving_a_stream_aborts_it(engine):
 
     text, tokens, final, snap = asyncio.run(scenario())
     assert text == final.text and tokens == final.token_ids and len(tokens) == 12
+    for request_id in ("left-after-first-token", "cancelled"):
+        choice = recorder.finished[request_id].outputs[0]
+        assert choice.finish_reason == "abort" and len(choice.token_ids) < 200
     assert snap.num_free_blocks == snap.num_total_blocks == NUM_BLOCKS
     assert snap.num_running == snap.num_waiting == 0
     assert_all_blocks_free(engine)
@@ -304,4 +319,34 @@ def test_engine_failure_over_http_reports_errors_and_health_503(engine, monkeypa
     assert plain.status_code == 500 and "simulated kernel crash" in plain.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert late.status_code == 503 and late.json()["error"]["code"] == "engine_dead"
+    assert_all_blocks_free(engine)
+
+
+def test_http_timeout_priority_and_tenant_reach_the_engine(engine, monkeypatch):
+    from conveyor.serving.server import ServerConfig, build_app
+    seen = []
+    original = engine.add_request
+
+    def add_request(prompt, params, **kw):
+        seen.append((kw["priority"], kw["tenant"]))
+        return original(prompt, params, **kw)
+    monkeypatch.setattr(engine, "add_request", add_request)
+
+    async def scenario(client):
+        while (await client.get("/health")).status_code != 200:
+            await asyncio.sleep(0.05)
+        body = {"prompt": prompt(6), "max_tokens": 300, "ignore_eos": True}
+        timed_out = await client.post("/v1/completions", json=body,
+                                      headers={"Authorization": "Bearer b", "X-Priority": "5"})
+        short = {**body, "max_tokens": 2, "priority": 2}
+        tagged = await client.post("/v1/completions", json=short,
+                                   headers={"Authorization": "Bearer a", "X-Tenant": "acme"})
+        return timed_out, tagged
+
+    app = build_app(ServerConfig(api_keys=("a", "b"), request_timeout=0.3), lambda: engine)
+    timed_out, tagged = asyncio.run(_serve_in_process(app, scenario))
+    choice = timed_out.json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and timed_out.json()["usage"]["completion_tokens"] < 300
+    assert tagged.json()["choices"][0]["finish_reason"] == "length"
+    assert seen == [(5, "key1"), (2, "acme")]
     assert_all_blocks_free(engine)

@@ -50,17 +50,17 @@ class BatchScheduler(Scheduler):
         if len(self.waiting) >= self.config.max_num_seqs:
             return True
         return bool(self.waiting) and (
-            self.clock() - self.waiting[0].arrival_time >= self.launch_timeout_s)
+            self.clock() - self.waiting.peek().arrival_time >= self.launch_timeout_s)
 
     def _launch(self) -> SchedulerOutput:
         num_scheduled, new_blocks = {}, {}
         while self.waiting and self._free_slots:
-            req = self.waiting[0]
+            req = self.waiting.peek()
             n = req.num_tokens - req.num_computed_tokens
             blocks = self.kv.allocate_slots(req, n)
             if blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             self._admit(req)
             self.members.append(req)
             num_scheduled[req.request_id] = n

@@ -3,13 +3,16 @@
 There is no prefill phase and no decode phase. Each step hands out tokens from one budget
 (``max_num_batched_tokens``) so that each request's ``num_computed_tokens`` catches up with its
 ``num_tokens``: a decode is 1 token, a prefill chunk is n, a resumed preempted request is all of it
-again. Running requests are served first (oldest first), then waiting ones in arrival order.
+again. A prefix-cache hit simply starts ``num_computed_tokens`` higher. Running requests are
+served first (by priority, then arrival), then waiting ones in the ``RequestQueue``'s order
+(priority, arrival; weighted fair queueing across tenants when enabled).
 
-When the pool cannot supply a running request's next blocks, the newest running request is
-preempted by recompute (blocks freed, progress reset, back to the head of the waiting queue).
-Waiting requests are not admitted in a step that preempted.
+When the pool cannot supply a running request's next blocks, the lowest-priority (then newest)
+running request is preempted by recompute (blocks freed, progress reset, back to the waiting
+queue); waiting requests are not admitted in a step that preempted that way. A waiting request of
+strictly higher priority that finds no slot or no blocks preempts the lowest-priority running one.
 
-Invariants asserted at the end of ``schedule()``: tokens scheduled <= budget, running requests <=
+Invariants asserted at the end of ``schedule()``: tokens scheduled <= budget, slot holders <=
 ``max_num_seqs``, every scheduled request is running.
 """
 
@@ -17,13 +20,13 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import deque
 
 from conveyor.config import SchedulerConfig
 from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                    EngineCoreOutput, SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request, RequestStatus, check_stop
+from conveyor.core.request_queue import RequestQueue
 
 
 class Scheduler:
@@ -36,7 +39,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = RequestQueue(config.fair_scheduling, config.tenant_weights_dict)
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()     # to tell the runner at the next schedule()
         self._runner_known: set[str] = set()     # requests the runner holds state for
@@ -57,7 +60,7 @@ class Scheduler:
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def finish_requests(self, request_ids, reason: FinishReason,
                         stop_reason: int | str | None = None) -> list[Request]:
@@ -105,8 +108,11 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         preempted: list[Request] = []
+        # Highest priority first (then oldest): the last running request is the preemption victim.
+        self.running.sort(key=_priority_key)
         budget = self._schedule_running(budget, num_scheduled, new_blocks, preempted)
-        admitted = [] if preempted else self._schedule_waiting(budget, num_scheduled, new_blocks)
+        admitted = [] if preempted else self._schedule_waiting(budget, num_scheduled, new_blocks,
+                                                               preempted)
         return self._build_output(num_scheduled, new_blocks, preempted, admitted)
 
     def _schedule_running(self, budget, num_scheduled, new_blocks, preempted) -> int:
@@ -130,15 +136,26 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, budget, num_scheduled, new_blocks) -> list[Request]:
+    def _schedule_waiting(self, budget, num_scheduled, new_blocks, preempted) -> list[Request]:
         admitted = []
-        while self.waiting and budget > 0 and self._free_slots:
-            req = self.waiting[0]
-            blocks = self._allocate_with_prefix_cache(req, budget)
+        while self.waiting and budget > 0:
+            req = self.waiting.peek()
+            blocks = self._allocate_with_prefix_cache(req, budget) if self._free_slots else None
             if blocks is None:
-                break
+                victim = self.running[-1] if self.running else None
+                if victim is None or victim.priority <= req.priority:
+                    break
+                # A strictly higher-priority arrival takes the lowest-priority running slot.
+                budget += num_scheduled.pop(victim.request_id, 0)
+                new_blocks.pop(victim.request_id, None)
+                if victim in admitted:
+                    admitted.remove(victim)
+                self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            self.waiting.popleft()
+            self.waiting.pop()
             self._admit(req)
             admitted.append(req)
             num_scheduled[req.request_id] = n
@@ -178,7 +195,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self._runner_known.discard(req.request_id)
-        self.waiting.appendleft(req)
+        self.waiting.add(req)
 
     def _build_output(self, num_scheduled, new_blocks, preempted, admitted,
                       padding_seq_lens: list[int] | None = None) -> SchedulerOutput:
@@ -234,6 +251,7 @@ class Scheduler:
             if req is not None:
                 req.num_computed_tokens += n
                 self.kv.cache_computed_blocks(req)
+                self.waiting.charge(req.tenant, n)
         outputs = []
         for row, rid in enumerate(runner_out.request_ids):
             req = self.requests.get(rid)
@@ -260,3 +278,7 @@ class Scheduler:
             self._free(req)
             out.finish_reason, out.stop_reason = reason.value, stop_reason
         return out
+
+
+def _priority_key(req: Request) -> tuple[int, float]:
+    return req.priority, req.arrival_time

@@ -70,7 +70,8 @@ class RequestStream:
         return out
 
     def close(self) -> None:
-        pass
+        if not self.finished:
+            self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
