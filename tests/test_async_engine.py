@@ -5,7 +5,6 @@ aborts, timeouts and drains end requests with "abort", an idle engine sleeps, an
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 
 import pytest
@@ -15,31 +14,12 @@ from conveyor.core.request import RequestStatus
 from conveyor.errors import InvalidRequestError
 from conveyor.serving.async_engine import (AsyncEngine, EngineDeadError, EngineStoppedError,
                                            QueueFullError)
-from conveyor.serving.engine import LLMEngine
-
-# 24 blocks x 16 tokens (small enough to force preemption); a 32-token budget prefills a
-# 100-token prompt over four steps.
-NUM_BLOCKS = 24
+from engine_helpers import NUM_BLOCKS, assert_all_blocks_free, greedy, prompt, small_engine
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine.from_kwargs(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-                                 num_blocks=NUM_BLOCKS, max_model_len=384)
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return [(seed * 7919 + i * 104729) % 40000 + 100 for i in range(n)]
-
-
-def assert_all_blocks_free(engine) -> None:
-    engine.check_invariants()
-    assert engine.core.kv_manager.pool.num_free_blocks == NUM_BLOCKS
-    assert not engine.has_unfinished_requests()
+    return small_engine()
 
 
 async def collect(stream) -> list:
@@ -256,97 +236,3 @@ def test_step_failure_fails_in_flight_requests_and_kills_engine(engine, monkeypa
         assert "simulated device failure" in outs[-1].error
     assert_all_blocks_free(engine)
 
-
-async def _serve_in_process(app, scenario):
-    """Run ``scenario(client)`` against ``app`` with its lifespan (model loading) running."""
-    import httpx
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return await scenario(client)
-
-
-def test_health_is_503_while_loading_then_200(engine):
-    from conveyor.serving.server import ServerConfig, build_app
-    release = threading.Event()
-    app = build_app(ServerConfig(), lambda: release.wait(60) and engine)
-
-    async def scenario(client):
-        loading = await client.get("/health")
-        models = await client.get("/v1/models")
-        release.set()
-        for _ in range(200):
-            ready = await client.get("/health")
-            if ready.status_code == 200:
-                break
-            await asyncio.sleep(0.05)
-        return loading, models, ready
-
-    loading, models, ready = asyncio.run(_serve_in_process(app, scenario))
-    assert loading.status_code == 503 and loading.json()["status"] == "loading"
-    assert models.status_code == 503 and models.json()["error"]["code"] == "model_loading"
-    assert ready.status_code == 200 and ready.json() == {"status": "ok"}
-
-
-def test_engine_failure_over_http_reports_errors_and_health_503(engine, monkeypatch):
-    from conveyor.serving.server import ServerConfig, build_app
-    original = engine.runner.execute
-    calls = []
-
-    def execute(sched):
-        calls.append(1)
-        if len(calls) > 4:
-            raise RuntimeError("simulated kernel crash")
-        return original(sched)
-
-    async def scenario(client):
-        while (await client.get("/health")).status_code != 200:
-            await asyncio.sleep(0.05)
-        monkeypatch.setattr(engine.runner, "execute", execute)
-        body = {"prompt": prompt(6), "max_tokens": 50, "ignore_eos": True}
-        streamed, plain = await asyncio.gather(
-            client.post("/v1/completions", json={**body, "stream": True}),
-            client.post("/v1/completions", json=body))
-        return streamed, plain, await client.get("/health"), \
-            await client.post("/v1/completions", json=body)
-
-    app = build_app(ServerConfig(), lambda: engine)
-    streamed, plain, health, late = asyncio.run(_serve_in_process(app, scenario))
-    monkeypatch.setattr(engine.runner, "execute", original)
-    events = [e for e in streamed.text.split("\n\n") if e]
-    assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
-    assert "simulated kernel crash" in json.loads(events[-2][6:])["error"]["message"]
-    assert plain.status_code == 500 and "simulated kernel crash" in plain.json()["error"]["message"]
-    assert health.status_code == 503 and health.json()["status"] == "dead"
-    assert late.status_code == 503 and late.json()["error"]["code"] == "engine_dead"
-    assert_all_blocks_free(engine)
-
-
-def test_http_timeout_priority_and_tenant_reach_the_engine(engine, monkeypatch):
-    from conveyor.serving.server import ServerConfig, build_app
-    seen = []
-    original = engine.add_request
-
-    def add_request(prompt, params, **kw):
-        seen.append((kw["priority"], kw["tenant"]))
-        return original(prompt, params, **kw)
-    monkeypatch.setattr(engine, "add_request", add_request)
-
-    async def scenario(client):
-        while (await client.get("/health")).status_code != 200:
-            await asyncio.sleep(0.05)
-        body = {"prompt": prompt(6), "max_tokens": 300, "ignore_eos": True}
-        timed_out = await client.post("/v1/completions", json=body,
-                                      headers={"Authorization": "Bearer b", "X-Priority": "5"})
-        short = {**body, "max_tokens": 2, "priority": 2}
-        tagged = await client.post("/v1/completions", json=short,
-                                   headers={"Authorization": "Bearer a", "X-Tenant": "acme"})
-        return timed_out, tagged
-
-    app = build_app(ServerConfig(api_keys=("a", "b"), request_timeout=0.3), lambda: engine)
-    timed_out, tagged = asyncio.run(_serve_in_process(app, scenario))
-    choice = timed_out.json()["choices"][0]
-    assert choice["finish_reason"] == "abort" and timed_out.json()["usage"]["completion_tokens"] < 300
-    assert tagged.json()["choices"][0]["finish_reason"] == "length"
-    assert seen == [(5, "key1"), (2, "acme")]
-    assert_all_blocks_free(engine)

@@ -32,6 +32,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic"],
+                   help="scheduling policy; static/dynamic are the measured baselines")
+    g.add_argument("--batch-timeout", type=float, default=None,
+                   help="static/dynamic: launch a partial batch after this many seconds (30 / 0.05)")
+    g.add_argument("--kv-allocation", default="paged", choices=["paged", "reservation"],
+                   help="reservation: reserve prompt + max_tokens at admission (Orca-era baseline)")
+    g.add_argument("--fair-scheduling", action="store_true",
+                   help="weighted fair queueing of the token budget across tenants")
+    g.add_argument("--tenant-weight", action="append", default=[], metavar="TENANT=WEIGHT",
+                   help="weight of a tenant under --fair-scheduling (repeatable; default 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "reference"])
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -45,4 +56,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, block_size=args.block_size,
                 num_blocks=args.num_kv_blocks, kv_cache_bytes=args.kv_cache_memory,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed)
+                enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
+                enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
+                batch_timeout_s=args.batch_timeout, kv_allocation=args.kv_allocation,
+                fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args))
+
+
+def _tenant_weights(args) -> dict[str, float]:
+    weights = {}
+    for item in args.tenant_weight:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name or weights[name] <= 0:
+            raise InvalidRequestError(f"--tenant-weight expects TENANT=WEIGHT with WEIGHT > 0, got {item!r}")
+    return weights

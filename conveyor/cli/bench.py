@@ -24,7 +24,6 @@ def add_parser(sub) -> None:
 
     off = bench_sub.add_parser("offline", help="drive conveyor's engine in-process")
     _add_workload_args(off)
-    _add_policy_args(off)
     add_engine_args(off)
     off.set_defaults(func=run_offline_cmd)
 
@@ -46,8 +45,6 @@ def add_parser(sub) -> None:
                                                "and reservation vs paged KV, on one workload")
     cmp.add_argument("--kv-budget-requests", type=int, default=8,
                      help="KV pool for the reservation/paged pair: this many worst-case requests")
-    cmp.add_argument("--batch-timeout", type=float, default=None,
-                     help="static/dynamic batch launch timeout in seconds (default: the engine's)")
     cmp.add_argument("--policies", default=None,
                      help="comma-separated subset of: no-batching,static,dynamic,continuous,"
                           "continuous+reservation,continuous+paged")
@@ -77,14 +74,6 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
-
-
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("batching policy")
-    g.add_argument("--batching", default="continuous", choices=["static", "dynamic", "continuous"])
-    g.add_argument("--batch-timeout", type=float, default=None,
-                   help="static/dynamic: launch a partial batch after this many seconds")
-    g.add_argument("--kv-allocation", default="paged", choices=["paged", "reservation"])
 
 
 def build_workload(args, tokenizer):
@@ -153,12 +142,7 @@ def _finish(meta: dict, runs, args, mode: str) -> int:
 
 
 def _bench_engine_kwargs(args) -> dict:
-    kwargs = dict(engine_kwargs(args), record_steps=True)
-    for flag, key in (("batching", "batching"), ("kv_allocation", "kv_allocation"),
-                      ("batch_timeout", "batch_timeout_s")):
-        if getattr(args, flag, None) is not None:
-            kwargs[key] = getattr(args, flag)
-    return kwargs
+    return dict(engine_kwargs(args), record_steps=True)
 
 
 def _engine_factory(args):

@@ -131,10 +131,6 @@ class AsyncEngine:
         return self._thread.error is not None
 
     @property
-    def is_accepting(self) -> bool:
-        return self._accepting and not self.is_dead
-
-    @property
     def num_in_flight(self) -> int:
         """Requests accepted whose stream has not yet received its last output."""
         return len(self._streams)
@@ -160,7 +156,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         added = self._loop.create_future()
         cmd = AddCommand(request_id, prompt, params, priority, tenant, time.monotonic(),
-                         lambda exc: self._loop.call_soon_threadsafe(self._on_added, cmd, added, exc))
+                         lambda exc: self._call_soon(self._on_added, cmd, added, exc))
         self._streams[request_id] = stream
         self._idle.clear()
         try:
@@ -221,8 +217,11 @@ class AsyncEngine:
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread: move the outputs to the event loop."""
+        self._call_soon(self._dispatch, outputs)
+
+    def _call_soon(self, fn, *args) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass    # the loop is closed: nobody is listening any more
 

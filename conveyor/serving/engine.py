@@ -37,7 +37,7 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
     cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
                   "enable_prefix_caching"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
-                  "batch_timeout_s"}
+                  "batch_timeout_s", "fair_scheduling", "tenant_weights"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
     if unknown:
         raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")

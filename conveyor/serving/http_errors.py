@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from conveyor.errors import CapacityError, InvalidRequestError
 from conveyor.serving.async_engine import EngineDeadError, EngineStoppedError, QueueFullError
@@ -70,6 +71,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(503, str(exc), code="shutting_down")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), code="engine_dead")
+    if isinstance(exc, ClientDisconnect):
+        return ApiError(499, "the client closed the connection", code="client_closed")
     logger.error("unexpected error while serving a request", exc_info=exc)
     return ApiError(500, f"internal server error ({type(exc).__name__})", code="internal_error")
 
@@ -86,6 +89,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     for exc_type in (ApiError, InvalidRequestError, CapacityError, QueueFullError,
-                     EngineStoppedError, EngineDeadError, Exception):
+                     EngineStoppedError, EngineDeadError, ClientDisconnect, Exception):
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)
