@@ -57,8 +57,13 @@ class CacheConfig:
     kv_cache_bytes: int | None = None
     kv_allocation: str = "paged"
     enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        _require(self.preemption_mode in ("recompute", "swap", "auto"),
+                 "preemption_mode must be recompute, swap or auto", "preemption_mode")
+        _require(self.swap_space_bytes > 0, "swap_space_bytes must be positive", "swap_space_bytes")
         _require(self.kv_allocation in KV_ALLOCATIONS,
                  f"kv_allocation must be one of {KV_ALLOCATIONS}", "kv_allocation")
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

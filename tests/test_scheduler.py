@@ -9,6 +9,7 @@ from conveyor.config import SchedulerConfig
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.request import FinishReason, Request
+from conveyor.core.swap import PreemptionCosts, SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
 from conveyor.sampling_params import SamplingParams
 
@@ -16,10 +17,14 @@ from fake_runner import FakeRunner
 
 
 def make_core(num_blocks=64, block_size=4, budget=32, max_seqs=4, max_len=256, chunked=True,
-              batching="continuous", kv_allocation="paged"):
+              batching="continuous", kv_allocation="paged", preemption="recompute",
+              prefix_caching=False):
     runner = FakeRunner(block_size)
     cfg = SchedulerConfig(budget, max_seqs, chunked, batching, 0.0)
-    core = EngineCore(runner, cfg, num_blocks, block_size, max_len, kv_allocation=kv_allocation)
+    swap = None if preemption == "recompute" else SwapManager(
+        num_blocks // 2 + 1, preemption, PreemptionCosts(1e-3, 1e-5))
+    core = EngineCore(runner, cfg, num_blocks, block_size, max_len, kv_allocation=kv_allocation,
+                      swap=swap, enable_prefix_caching=prefix_caching)
     return core, runner
 
 
@@ -103,14 +108,19 @@ def test_preemption_by_recompute_newest_first_and_resume():
     core.check_invariants()
 
 
-def test_preempted_output_equals_unpreempted_output():
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+def test_preempted_output_equals_unpreempted_output(mode):
     big, _ = make_core(num_blocks=256)
-    small, _ = make_core(num_blocks=6, max_len=24)
+    small, runner = make_core(num_blocks=6, max_len=24, preemption=mode)
     for core in (big, small):
         for i in range(4):
             core.add_request(req(i, 3 + i, 7))
     assert run_all(big) == run_all(small)
     assert small.scheduler.num_preemptions_total > 0
+    swapped = small.scheduler.num_preemptions_by_mode["swap"]
+    assert (swapped > 0) == (mode != "recompute")
+    assert any(s.swap_in for s in runner.steps) == (mode != "recompute")
+    small.check_invariants()
 
 
 def test_request_that_can_never_fit_is_rejected():
@@ -157,25 +167,32 @@ def test_stop_token_and_eos_and_min_tokens():
 @given(
     lens=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 6)),
                   min_size=1, max_size=12),
+    shared=st.booleans(),
     budget=st.integers(1, 48), max_seqs=st.integers(1, 6), block_size=st.sampled_from([1, 2, 4, 8]),
     spare_blocks=st.integers(0, 20), chunked=st.booleans(),
     batching=st.sampled_from(["continuous", "static", "dynamic"]),
-    kv_allocation=st.sampled_from(["paged", "reservation"]))
+    kv_allocation=st.sampled_from(["paged", "reservation"]),
+    preemption=st.sampled_from(["recompute", "swap", "auto"]), prefix_caching=st.booleans())
 def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, block_size,
                                                         spare_blocks, chunked, batching,
-                                                        kv_allocation):
+                                                        kv_allocation, preemption, prefix_caching,
+                                                        shared):
     worst = max(p + m for p, m, _ in lens)
     if not chunked:
         budget = max(budget, worst)
     num_blocks = -(-worst // block_size) + spare_blocks
     core, runner = make_core(num_blocks, block_size, budget, max_seqs, worst, chunked, batching,
-                             kv_allocation)
+                             kv_allocation, preemption if batching == "continuous" else "recompute",
+                             prefix_caching and batching == "continuous")
     pending = sorted(((arr, i, p, m) for i, (p, m, arr) in enumerate(lens)), key=lambda x: x[0])
     outs, step = {}, 0
     while pending or core.has_unfinished_requests():
         while pending and pending[0][0] <= step:
             _, i, p, m = pending.pop(0)
-            core.add_request(req(i, p, m))
+            r = req(i, p, m)
+            if not shared:      # distinct prompts; shared ones exercise prefix-cache hits
+                r.prompt_token_ids = [t + 1000 * i for t in r.prompt_token_ids]
+            core.add_request(r)
         for o in core.step():
             outs.setdefault(o.request_id, []).extend(o.new_token_ids)
         sched = core.scheduler

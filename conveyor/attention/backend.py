@@ -151,7 +151,13 @@ class SplitAttention:
         return res.transpose(0, 1)
 
 
-BACKENDS = {"reference": ReferenceAttention, "sdpa": SplitAttention}
+def _cpu_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """The C++ kernel backend, or SplitAttention (one logged warning) where it cannot be built."""
+    from conveyor.attention.cpu_kernel import make_cpu_attention   # lazy: may compile; avoids a cycle
+    return make_cpu_attention(num_heads, num_kv_heads, head_dim, scale)
+
+
+BACKENDS = {"reference": ReferenceAttention, "sdpa": SplitAttention, "cpu": _cpu_attention}
 
 
 def make_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):

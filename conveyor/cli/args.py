@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="static/dynamic: launch a partial batch after this many seconds (30 / 0.05)")
     g.add_argument("--kv-allocation", default="paged", choices=["paged", "reservation"],
                    help="reservation: reserve prompt + max_tokens at admission (Orca-era baseline)")
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap", "auto"],
+                   help="swap: copy preempted KV to host memory; auto: per request, by estimated cost")
+    g.add_argument("--swap-space", type=parse_bytes, default=1 << 30, help="host swap pool size (1GiB)")
     g.add_argument("--fair-scheduling", action="store_true",
                    help="weighted fair queueing of the token budget across tenants")
     g.add_argument("--tenant-weight", action="append", default=[], metavar="TENANT=WEIGHT",
@@ -59,7 +62,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
                 enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
                 batch_timeout_s=args.batch_timeout, kv_allocation=args.kv_allocation,
-                fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args))
+                fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args),
+                preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space)
 
 
 def _tenant_weights(args) -> dict[str, float]:

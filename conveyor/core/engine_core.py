@@ -17,6 +17,7 @@ from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput, StepStats
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
+from conveyor.core.swap import SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
 
 
@@ -30,7 +31,7 @@ class EngineCore:
     def __init__(self, executor: Executor, scheduler_config: SchedulerConfig, num_blocks: int,
                  block_size: int, max_model_len: int, clock=time.monotonic,
                  kv_allocation: str = "paged", record_steps: bool = False,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, swap: SwapManager | None = None):
         """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks)."""
         self.executor = executor
         self.block_size = block_size
@@ -40,7 +41,7 @@ class EngineCore:
                                          reserve_full=kv_allocation == "reservation",
                                          enable_prefix_caching=enable_prefix_caching)
         if scheduler_config.batching == "continuous":
-            self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock)
+            self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock, swap)
         else:
             self.scheduler = BatchScheduler(scheduler_config, self.kv_manager, max_model_len,
                                             scheduler_config.launch_timeout_s, clock)
@@ -88,5 +89,7 @@ class EngineCore:
         return outputs
 
     def check_invariants(self) -> None:
-        """free + held == total; raises AssertionError on a leak."""
+        """free + held == total (device pool and host swap pool); AssertionError on a leak."""
         self.kv_manager.check_invariant()
+        if getattr(self.scheduler, "swap", None) is not None:
+            self.scheduler.swap.check_invariant()

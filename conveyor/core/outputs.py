@@ -46,6 +46,10 @@ class SchedulerOutput:
     # sequence the runner executes and discards (a prompt padded to the batch's longest, or a
     # finished member still holding its slot: length 1, logits computed too). Empty in continuous.
     padding_seq_lens: list[int] = field(default_factory=list)
+    # Swap preemption: copy (device block -> host block) first, then (host -> device), before
+    # the forward pass.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_padding_tokens(self) -> int:
@@ -53,7 +57,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
+        return self.total_num_scheduled_tokens == 0 and not self.swap_out
 
 
 @dataclass(slots=True)

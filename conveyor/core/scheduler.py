@@ -27,13 +27,14 @@ from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequ
                                    EngineCoreOutput, SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request, RequestStatus, check_stop
 from conveyor.core.request_queue import RequestQueue
+from conveyor.core.swap import SwapManager
 
 
 class Scheduler:
     """Decides each step's batch and applies each step's sampled tokens."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int,
-                 clock=time.monotonic):
+                 clock=time.monotonic, swap: SwapManager | None = None):
         self.config = config
         self.kv = kv_manager
         self.max_model_len = max_model_len
@@ -43,7 +44,11 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()     # to tell the runner at the next schedule()
         self._runner_known: set[str] = set()     # requests the runner holds state for
+        self.swap = swap
+        self._swap_out: list[tuple[int, int]] = []   # copies for the runner at the next step
+        self._swap_in: list[tuple[int, int]] = []
         self.num_preemptions_total = 0
+        self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
         self.last_stats = StepStats()
         self.slot_of: dict[str, int] = {}        # batch slot held by each admitted request
         self._free_slots = list(range(config.max_num_seqs))
@@ -75,6 +80,8 @@ class Scheduler:
             else:
                 self.waiting.remove(req)
             req.finish(reason, self.clock(), stop_reason)
+            if self.swap is not None:
+                self.swap.free(req)
             self._free(req)
             done.append(req)
         return done
@@ -166,6 +173,8 @@ class Scheduler:
     def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
         """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
         changed) when it does not fit the budget rule or the pool."""
+        if self.swap is not None and self.swap.is_swapped(req):
+            return self._allocate_swapped_in(req, budget)
         hits = self.kv.get_computed_blocks(req)
         self.kv.take_computed_blocks(req, hits)
         remaining = req.num_tokens - req.num_computed_tokens
@@ -180,6 +189,12 @@ class Scheduler:
             req.num_cached_tokens = req.num_computed_tokens
         return hits + blocks
 
+    def _allocate_swapped_in(self, req: Request, budget: int) -> list[int] | None:
+        blocks = self.kv.allocate_slots(req, min(req.num_tokens - req.num_computed_tokens, budget))
+        if blocks is not None:
+            self._swap_in += self.swap.swap_in(req, blocks)
+        return blocks
+
     def _admit(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
         if not req.first_scheduled_time:
@@ -188,10 +203,18 @@ class Scheduler:
         self._take_slot(req)
 
     def _preempt(self, req: Request) -> None:
+        table = self.kv.block_table(req.request_id)
+        # Swapped blocks keep exactly the computed tokens' KV (never a partly scheduled chunk).
+        num_full = self.kv.num_blocks_for(req.num_computed_tokens)
+        if self.swap is not None and self.swap.should_swap(req, num_full):
+            self._swap_out += self.swap.swap_out(req, table[:num_full])
+            self.num_preemptions_by_mode["swap"] += 1
+        else:
+            req.num_computed_tokens = 0
+            self.num_preemptions_by_mode["recompute"] += 1
         self.kv.free(req)
         self._release_slot(req.request_id)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self._runner_known.discard(req.request_id)
@@ -213,8 +236,9 @@ class Scheduler:
                 self._runner_known.add(rid)
         total = sum(num_scheduled.values())
         out = SchedulerOutput(new_reqs, cached, num_scheduled, total, self._finished_ids,
-                              {r.request_id for r in preempted}, padding_seq_lens or [])
-        self._finished_ids = set()
+                              {r.request_id for r in preempted}, padding_seq_lens or [],
+                              self._swap_out, self._swap_in)
+        self._finished_ids, self._swap_out, self._swap_in = set(), [], []
         self._record_stats(out, admitted, len(preempted))
         self._check_step_invariants(out)
         return out

@@ -28,9 +28,11 @@ class ModelRunner:
     """Runs one step of the model for whatever the scheduler decided."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
-                 eos_token_ids: frozenset[int], device: torch.device, seed: int = 0):
+                 eos_token_ids: frozenset[int], device: torch.device, seed: int = 0,
+                 host_kv_caches: list[torch.Tensor] | None = None):
         self.model = model
         self.kv_caches = kv_caches
+        self.host_kv_caches = host_kv_caches     # swap space, same layout, on the host
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         self.device = device
@@ -63,8 +65,21 @@ class ModelRunner:
             st.block_ids.extend(cached.new_block_ids)
             st.num_computed_tokens = cached.num_computed_tokens
 
+    def _swap(self, sched: SchedulerOutput) -> None:
+        """Swap-outs first, then swap-ins: a device block freed by one may be filled by the other."""
+        for pairs, to_host in ((sched.swap_out, True), (sched.swap_in, False)):
+            if not pairs:
+                continue
+            src_idx, dst_idx = (torch.tensor(x) for x in zip(*pairs))
+            for dev, host in zip(self.kv_caches, self.host_kv_caches):
+                if to_host:
+                    host[:, dst_idx] = dev[:, src_idx.to(dev.device)].to("cpu")
+                else:
+                    dev[:, dst_idx.to(dev.device)] = host[:, src_idx].to(dev.device)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._swap(sched)
         self._update_states(sched)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput([], [])

@@ -18,6 +18,7 @@ from conveyor import platform
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.request import FinishReason, Request
+from conveyor.core.swap import PreemptionCosts, SwapManager
 from conveyor.errors import InvalidRequestError
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
@@ -35,7 +36,7 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
     model_keys = {"model", "dtype", "device", "max_model_len", "seed"}
     cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
-                  "enable_prefix_caching"}
+                  "enable_prefix_caching", "preemption_mode", "swap_space_bytes"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
                   "batch_timeout_s", "fair_scheduling", "tenant_weights"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
@@ -66,11 +67,13 @@ class LLMEngine:
         self.max_model_len = min(mc.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings, num_blocks * bs)
         kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed)
+        swap, host_kv = self._swap_manager(arch)
+        self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed,
+                                  host_kv)
         self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
                                kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
                                enable_prefix_caching=config.cache.enable_prefix_caching
-                               and config.scheduler.batching == "continuous")
+                               and config.scheduler.batching == "continuous", swap=swap)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self._ids = itertools.count()
         logger.info("model %s (%s) on %s, dtype %s; %s", self.model_path, arch.architecture,
@@ -99,6 +102,22 @@ class LLMEngine:
         want_len = self.config.model.max_model_len or arch.max_position_embeddings
         want = self.config.scheduler.max_num_seqs * -(-want_len // bs)
         return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
+
+    def _swap_manager(self, arch):
+        """Host pool and cost model for swap preemption (None when preempting by recompute)."""
+        cc = self.config.cache
+        if cc.preemption_mode == "recompute" or self.config.scheduler.batching != "continuous":
+            return None, None
+        elem = torch.finfo(self.dtype).bits // 8
+        block_bytes = arch.kv_bytes_per_token(elem) * cc.block_size
+        num_host = max(1, cc.swap_space_bytes // block_bytes)
+        params = sum(p.numel() for p in self.model.parameters())
+        # Rough, deliberately simple: ~100 GFLOP/s of GEMM, ~5 GB/s of copy bandwidth each way.
+        costs = PreemptionCosts(recompute_s_per_token=2 * params / 100e9,
+                                swap_s_per_block=2 * block_bytes / 5e9)
+        host_kv = allocate_kv_caches(self.model, num_host - 1, cc.block_size, self.dtype,
+                                     torch.device("cpu"))
+        return SwapManager(num_host, cc.preemption_mode, costs), host_kv
 
     @property
     def num_kv_blocks(self) -> int:

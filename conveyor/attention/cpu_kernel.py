@@ -1,0 +1,205 @@
+"""The "cpu" attention backend: a C++ paged-attention kernel built on first use.
+
+Owns building and loading ``conveyor/csrc/paged_attention.cpp`` (the op
+``torch.ops.conveyor_cpu.paged_attention``) and ``CpuAttention``, the backend that calls it.
+
+Invariants:
+- Importing this module compiles nothing; the first ``KernelLoader.available()`` builds (once
+  per machine, into ``~/.cache/conveyor/ext/<hash>``; the hash covers the source, compiler,
+  flags, CPU flags, torch and Python versions) or loads the cached build.
+- The build runs at most once per process: a lock serialises callers, and torch's file baton in
+  the build directory serialises processes. The outcome is remembered; a failure is logged once
+  (and marked on disk, so later processes skip the attempt) and callers fall back to
+  ``SplitAttention``. Nothing in conveyor needs a compiler.
+- ``CONVEYOR_DISABLE_CPU_KERNEL=1`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from conveyor.attention.backend import AttentionMetadata, SplitAttention, write_kv
+from conveyor.platform import cpu_info
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)      # the C++ switch in run_dim
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_EXT_NAME = "conveyor_paged_attention"
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]
+_FAILED_MARKER = "build_failed.txt"
+
+
+class KernelUnavailable(RuntimeError):
+    """The extension cannot be built here (no compiler, no ninja, compile error)."""
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelUnavailable(f"no C++ compiler ({cxx!r} not on PATH; set CXX)")
+    return path
+
+
+def _arch_flags() -> list[str]:
+    """-march=native where the compiler accepts it, else the AVX2 baseline, else nothing."""
+    flags = cpu_info().flags
+    for candidate in (["-march=native"], ["-mavx2", "-mfma"]):
+        if candidate == ["-mavx2", "-mfma"] and not {"avx2", "fma"} <= flags:
+            continue
+        probe = subprocess.run([_compiler(), *candidate, "-x", "c++", "-E", "-", "-o", os.devnull],
+                               input=b"", capture_output=True)
+        if probe.returncode == 0:
+            return candidate
+    return []
+
+
+def build_dir(flags: list[str]) -> Path:
+    """Cache directory of the build for this source, toolchain, flags and CPU."""
+    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True).stdout
+    key = "\n".join([SOURCE.read_text(), version, " ".join(flags),
+                     " ".join(sorted(cpu_info().flags)), torch.__version__, sys.version])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "conveyor" / "ext" / digest
+
+
+def _op_registered() -> bool:
+    try:
+        torch.ops.conveyor_cpu.paged_attention
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def build_and_load() -> None:
+    """Compile (or reuse the cached build of) the extension and register its op.
+
+    Raises KernelUnavailable when it cannot; never partially registers the op.
+    """
+    if _op_registered():
+        return
+    if os.environ.get("CONVEYOR_DISABLE_CPU_KERNEL") == "1":
+        raise KernelUnavailable("disabled by CONVEYOR_DISABLE_CPU_KERNEL=1")
+    from torch.utils import cpp_extension   # heavy import, only when building
+    if not cpp_extension.is_ninja_available():
+        raise KernelUnavailable("ninja not found (pip install ninja)")
+    flags = _arch_flags() + _COMMON_FLAGS
+    directory = build_dir(flags)
+    marker = directory / _FAILED_MARKER
+    if marker.exists():
+        raise KernelUnavailable(f"an earlier build failed; see {marker} (delete it to retry)")
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(_EXT_NAME, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           build_directory=str(directory), is_python_module=False, verbose=False)
+    except Exception as exc:   # compiler/linker errors arrive as several exception types
+        marker.write_text(f"{type(exc).__name__}: {exc}\n")
+        raise KernelUnavailable(f"build failed: {exc}") from exc
+    log.info("cpu attention kernel ready in %.1fs (%s)", time.perf_counter() - start, directory)
+
+
+class KernelLoader:
+    """Builds/loads the kernel on the first ``available()`` call, thread-safely, and remembers
+    whether that worked. ``build`` is injectable so tests can simulate a machine without one."""
+
+    def __init__(self, build: Callable[[], None] = build_and_load):
+        self._build = build
+        self._lock = threading.Lock()
+        self._ok: bool | None = None
+        self._warned: set[str] = set()
+
+    def available(self) -> bool:
+        with self._lock:
+            if self._ok is None:
+                try:
+                    self._build()
+                    self._ok = True
+                except Exception as exc:   # any failure just means "use the fallback"
+                    self._warn(f"cpu attention kernel unavailable, using 'sdpa' instead: {exc}")
+                    self._ok = False
+            return self._ok
+
+    def warn_once(self, message: str) -> None:
+        with self._lock:
+            self._warn(message)
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message.splitlines()[0][:500])
+
+
+# The op registry is process-wide (torch.ops), so its loader is too.
+LOADER = KernelLoader()
+
+
+def is_available() -> bool:
+    """True when the kernel is built and loaded (builds it on the first call)."""
+    return LOADER.available()
+
+
+def _as_index(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+class CpuAttention:
+    """Paged attention through the C++ kernel: reads K/V in place from the block tables, handles
+    decode rows and prefill chunks in one call, fp32 or bf16, threads = torch.get_num_threads().
+
+    Tensors it cannot take (another device or dtype) go to ``SplitAttention`` unchanged.
+    """
+
+    name = "cpu"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self._fallback = SplitAttention(num_heads, num_kv_heads, head_dim, scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]
+        if not self._takes(q, kv_cache):
+            return self._fallback.forward(q, k, v, kv_cache, md)
+        write_kv(kv_cache, k, v, md.slot_mapping)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype)                              # [T, Hq, D]
+        torch.ops.conveyor_cpu.paged_attention(
+            out, q, kv_cache, _as_index(md.block_tables), _as_index(md.query_start_loc),
+            _as_index(md.seq_lens), self.scale, torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def _takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return (q.device.type == "cpu" and kv_cache.device.type == "cpu"
+                and q.dtype in SUPPORTED_DTYPES and kv_cache.dtype in SUPPORTED_DTYPES
+                and kv_cache.is_contiguous())
+
+
+def make_cpu_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                       loader: KernelLoader = LOADER):
+    """``CpuAttention`` when the kernel is available and supports ``head_dim``, otherwise
+    ``SplitAttention`` (after one logged warning)."""
+    if not loader.available():
+        return SplitAttention(num_heads, num_kv_heads, head_dim, scale)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        loader.warn_once(f"cpu attention kernel has no head_dim={head_dim} "
+                         f"(supports {SUPPORTED_HEAD_DIMS}); using 'sdpa'")
+        return SplitAttention(num_heads, num_kv_heads, head_dim, scale)
+    return CpuAttention(num_heads, num_kv_heads, head_dim, scale)

@@ -1,0 +1,17 @@
+"""Which attention backend a device gets by default.
+
+Owns the choice only; the engine passes the returned name to ``make_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_backend(device: torch.device | str) -> str:
+    """"cpu" (the C++ paged-attention kernel) on a CPU device where that kernel builds, else
+    "sdpa". The first call on a CPU device may compile the kernel (once per machine, cached)."""
+    if torch.device(device).type != "cpu":
+        return "sdpa"
+    from conveyor.attention import cpu_kernel   # lazy: keeps importing this module cheap
+    return "cpu" if cpu_kernel.is_available() else "sdpa"
