@@ -63,6 +63,11 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
+def successes(text: str, reason: str) -> float:
+    label = f'{{finished_reason="{reason}"}}'
+    return metric(text, "conveyor:request_success_total", label) if label in text else 0.0
+
+
 def test_streaming_equals_non_streaming_and_usage(client, tokenizer):
     model = client.models.list().data[0].id
     kw = dict(model=model, prompt="The best thing about the ocean is", max_tokens=24,
@@ -146,10 +151,12 @@ def test_concurrent_streams_with_clients_leaving(main_server):
     total = metric(after, "conveyor:kv_cache_total_blocks")
     assert metric(after, "conveyor:kv_cache_free_blocks") == total == 256
     for reason, expected in (("length", 36), ("abort", 12)):
-        label = f'{{finished_reason="{reason}"}}'
-        count = lambda text: metric(text, "conveyor:request_success_total", label) \
-            if label in text else 0.0  # noqa: E731
-        assert count(after) - count(before) == expected
+        assert successes(after, reason) - successes(before, reason) == expected
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
+    assert delta("conveyor:e2e_request_latency_seconds_count") == 48
+    assert 36 <= delta("conveyor:time_to_first_token_seconds_count") <= 48
+    assert delta("conveyor:inter_token_latency_seconds_count") >= sum(
+        7 + i % 25 for i in range(48) if i not in cancel_after)
     assert metric(after, "conveyor:generation_tokens_total") - \
         metric(before, "conveyor:generation_tokens_total") >= sum(8 + i % 25 for i in range(48)
                                                                    if i not in cancel_after)

@@ -35,7 +35,7 @@ from conveyor.platform import cpu_info
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)      # the C++ switch in run_dim
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)          # the C++ switch in run_dim
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _EXT_NAME = "conveyor_paged_attention"
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]

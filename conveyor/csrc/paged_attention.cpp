@@ -5,15 +5,21 @@
 // gather copy), for decode rows and prefill chunks alike, and writes `out` [T, Hq, D].
 //
 // Invariants:
-//   * Work item = (request, kv head, tile of <= kQueryTile query tokens). The item holds every
-//     query head of its kv group, so each K/V tile is loaded once and shared by the whole group.
-//   * Online (flash-style) softmax in fp32 over key tiles of <= 16 keys taken from one block;
-//     scores are kept in base 2 (queries are pre-scaled by scale * log2(e)).
-//   * Query at position p sees keys 0..p (p = seq_len - q_len + i); nothing past seq_len is read.
-//   * Items run in parallel (OpenMP, dynamic schedule, heaviest first); an item is owned by one
-//     thread, so outputs never race.
-//   * Only GCC/Clang vector extensions are used: the same code builds for AVX-512, AVX2 or SSE.
-//     The kernel never writes the cache (the Python side writes this step's K/V first).
+//   * Work item = (request, tile of <= kQueryTile query tokens, kv heads [h0, h0 + nh)). Its
+//     rows are every query head of those kv groups for every token of the tile, so each K/V tile
+//     is read once and shared by all query heads of its group (GQA).
+//   * Two layouts of the score tile. Few rows (decode): one row's 16 keys along the vector lanes,
+//     and all kv heads in one item, so each block of the cache is read front to back. Many rows
+//     (prefill): 16 rows along the lanes, one kv head per item, one FMA per (key, dim) per row
+//     vector.
+//   * Online (flash-style) softmax in fp32 over key tiles of <= 16 keys inside one block; scores
+//     are in base 2 (queries are pre-scaled by scale * log2(e)). Accumulation is fp32 for fp32
+//     and bf16 inputs alike.
+//   * Query i of a request sits at position p = seq_len - q_len + i and sees keys 0..p; nothing
+//     at or past seq_len is read, and the kernel never writes the cache.
+//   * Items run in parallel (OpenMP, dynamic schedule, heaviest first); one thread owns an item
+//     and its output rows, so nothing races.
+//   * Only GCC/Clang vector extensions: the same source builds for AVX-512, AVX2 or plain SSE.
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
@@ -33,32 +39,30 @@ using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
 constexpr int kLanes = 16;       // floats per vector (one zmm; two ymm on AVX2)
-constexpr int kKeyTile = 16;     // keys per tile
+constexpr int kKeyTile = 16;     // keys per tile (one vector of scores per row)
 constexpr int kQueryTile = 16;   // query tokens per work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #ifdef __AVX512F__
-constexpr int kChains = 8;       // independent FMA chains in the rows-in-lanes score kernel
+constexpr int kChains = 8;       // independent accumulators in the many-rows score kernel
+constexpr int kPvRows = 2;       // rows sharing each V load
 #else
-constexpr int kChains = 4;       // 16 ymm registers: keep accumulators from spilling
+constexpr int kChains = 4;       // AVX2 has 16 ymm registers: keep accumulators from spilling
+constexpr int kPvRows = 1;
 #endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vhu __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vuu __attribute__((vector_size(64), aligned(2)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 
 #define INLINE inline __attribute__((always_inline))
 
-INLINE vf splat(float x) { return vf{} + x; }
+INLINE vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 INLINE vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 INLINE void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-INLINE vf load(const uint16_t* p) {   // 16 bf16 -> 16 fp32 (bf16 is the top half of fp32)
-  vu wide = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
-  return reinterpret_cast<vf&>(wide);
-}
 INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 INLINE vf lane_ids() { return vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
@@ -76,6 +80,34 @@ INLINE float hmax(vf v) {
   vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
   vf4 b = c > d ? c : d;
   return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
+}
+
+// Sums each of 16 vectors into one lane: out[t] = sum(p[kSlot^-1...]) in four halving steps whose
+// shuffles stay cheap on both AVX-512 and AVX2 (256-bit halves, 128-bit lanes, in-lane pairs).
+// Input slot j must hold the partial sums of key kSlot[j] for lane t to hold key t.
+constexpr int kSlot[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
+
+INLINE vf transpose_sum(const vf* p) {
+  vf a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                   20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
+                                   11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14,
+                                   15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
+                                   25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26,
+                                   27, 14, 15, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15,
+                                 29, 31);
 }
 
 // 2^x for x <= 0 (relative error ~1e-7); exactly 0 below -126, which covers -inf.
@@ -107,7 +139,7 @@ INLINE void from_float(float f, uint16_t* dst) {   // round to nearest even, NaN
 // Everything one call needs; element strides, not bytes.
 struct Problem {
   const void* q;
-  void* out;
+  void* out;                       // contiguous [T, Hq, D], dtype of q
   bool q_bf16;
   int64_t q_tok_stride, q_head_stride;
   const void* k;                   // kv_cache[0]: [num_blocks, block_size, Hkv, D]
@@ -123,78 +155,96 @@ struct Problem {
 
 struct Item {
   int64_t req, tok_begin, tok_end, cost;
-  int kv_head;
+  int h0, nh;                      // kv heads [h0, h0 + nh)
 };
 
-// Per-thread buffers, sized for the largest tile.
-struct Scratch {
-  std::vector<float> q, acc, s, kbuf, vbuf, m, l, corr, qpos;
-  Scratch(int rows_pad, int d)
-      : q(size_t(rows_pad) * d), acc(size_t(rows_pad) * d), s(size_t(rows_pad) * kKeyTile),
-        kbuf(size_t(kKeyTile) * d), vbuf(size_t(kKeyTile) * d), m(rows_pad), l(rows_pad),
-        corr(rows_pad), qpos(rows_pad) {}
-};
-
-// One resolved work item: `rows` = query tokens x heads of the group, row r = token r / G.
+// One resolved work item. Row r: token r / (nh * G), query head h0 * G + r % (nh * G).
 struct Tile {
   int64_t tok0, pos0, kv_len;      // first flat token, its position, keys visited
   const int64_t* table;
-  int nq, rows, rows_pad, kv_head;
+  int nq, h0, nh, rows, rows_pad;
   bool rows_in_lanes;              // many rows: vectorise over rows, else over keys
 };
 
-struct Rows {                      // n K or V rows in fp32, `stride` floats apart
+// Per-thread buffers, sized for the largest item.
+struct Scratch {
+  std::vector<float> q, acc, s, kbuf, vbuf, m, l, corr, qpos;
+  Scratch(int rows_pad, int row_width, int d)
+      : q(size_t(rows_pad) * d), acc(size_t(rows_pad) * d), s(size_t(rows_pad) * kKeyTile),
+        kbuf(size_t(kKeyTile) * row_width), vbuf(size_t(kKeyTile) * row_width), m(rows_pad),
+        l(rows_pad), corr(rows_pad), qpos(rows_pad) {}
+};
+
+struct Rows {                      // 16 K or V rows in fp32, `stride` floats apart
   const float* p;
   int64_t stride;
 };
 
-// fp32 K/V tiles are read in place unless padding to `n_pad` rows is needed.
-template <int D>
-Rows stage(const float* src, int64_t stride, int n, int n_pad, float* buf) {
-  if (n == n_pad) return {src, stride};
-  for (int t = 0; t < n_pad; ++t)
-    for (int j = 0; j < D; j += kLanes)
-      store(buf + t * D + j, t < n ? load(src + t * stride + j) : splat(0.0f));
-  return {buf, D};
+// n rows of `width` floats from the cache as 16 fp32 rows (zeros after n); fp32 is read in place
+// when no padding is needed, bf16 is widened into buf.
+INLINE Rows stage(const float* src, int64_t stride, int n, int width, float* buf) {
+  if (n == kKeyTile) return {src, stride};
+  for (int t = 0; t < kKeyTile; ++t)
+    for (int j = 0; j < width; j += kLanes)
+      store(buf + t * width + j, t < n ? load(src + t * stride + j) : splat(0.0f));
+  return {buf, width};
 }
 
-template <int D>
-Rows stage(const uint16_t* src, int64_t stride, int n, int n_pad, float* buf) {
-  for (int t = 0; t < n_pad; ++t)
-    for (int j = 0; j < D; j += kLanes)
-      store(buf + t * D + j, t < n ? load(src + t * stride + j) : splat(0.0f));
-  return {buf, D};
-}
-
-// ---- few rows (decode): scores of one row lie along lanes, s[r * 16 + t] ----
-
-template <int D>
-void scores_keys_in_lanes(const float* q, int rows, Rows k, int n, float* s) {
-  constexpr int ND = D / kLanes;
-  for (int t = 0; t < n; ++t) {
-    vf kr[ND];
-    for (int j = 0; j < ND; ++j) kr[j] = load(k.p + t * k.stride + j * kLanes);
-    for (int r = 0; r < rows; ++r) {
-      vf a = load(q + r * D) * kr[0];
-      for (int j = 1; j < ND; ++j) a += load(q + r * D + j * kLanes) * kr[j];
-      s[r * kKeyTile + t] = hsum(a);
+// bf16 rows are widened 32 elements at a time without lane shuffles: the even elements land in
+// the first 16 floats, the odd ones in the next 16. Queries are permuted alike (kv_dim), so dot
+// products are unchanged, and the output undoes it.
+INLINE Rows stage(const uint16_t* src, int64_t stride, int n, int width, float* buf) {
+  const vu high = vu{} + 0xffff0000u;
+  for (int t = 0; t < kKeyTile; ++t)
+    for (int j = 0; j < width; j += 2 * kLanes) {
+      vu pairs = t < n ? *reinterpret_cast<const vuu*>(src + t * stride + j) : vu{};
+      vu even = pairs << 16, odd = pairs & high;
+      store(buf + t * width + j, reinterpret_cast<vf&>(even));
+      store(buf + t * width + j + kLanes, reinterpret_cast<vf&>(odd));
     }
-  }
+  return {buf, width};
 }
 
-// Online-softmax step; leaves probabilities in s and each row's rescale factor in corr.
-void softmax_keys_in_lanes(const Tile& tl, int group, int64_t key0, int n, Scratch& sc) {
+// Which head dimension column c of a staged K/V row (and of the accumulator) holds.
+template <typename KV>
+INLINE int kv_dim(int c) {
+  if constexpr (sizeof(KV) == 4) return c;
+  const int in_chunk = c % (2 * kLanes);
+  return c - in_chunk + 2 * (in_chunk % kLanes) + in_chunk / kLanes;
+}
+
+// ---- few rows (decode): one row's scores along the lanes, s[r * 16 + t] ----
+
+template <int D>
+INLINE vf scores_one_row(const float* q, const float* k, int64_t k_stride) {
+  constexpr int ND = D / kLanes;
+  vf qv[ND], part[kKeyTile];
+  for (int j = 0; j < ND; ++j) qv[j] = load(q + j * kLanes);
+  for (int i = 0; i < kKeyTile; ++i) {
+    const float* kr = k + kSlot[i] * k_stride;
+    part[i] = qv[0] * load(kr);
+    for (int j = 1; j < ND; ++j) part[i] += qv[j] * load(kr + j * kLanes);
+  }
+  return transpose_sum(part);
+}
+
+// Scores and online-softmax step of every row; leaves probabilities in s, rescale in corr.
+template <int D>
+void softmax_keys_in_lanes(const Tile& tl, int group, Rows k, int64_t key0, int n, Scratch& sc) {
+  const int per_token = tl.nh * group;
   for (int r = 0; r < tl.rows; ++r) {
+    const int64_t visible = std::min<int64_t>(n, tl.pos0 + r / per_token - key0 + 1);
     float* srow = sc.s.data() + r * kKeyTile;
-    int64_t visible = std::clamp<int64_t>(tl.pos0 + r / group - key0 + 1, 0, n);
-    vf sv = lane_ids() < float(visible) ? load(srow) : splat(kNegInf);
-    float mt = hmax(sv), m_old = sc.m[r];
-    if (mt == kNegInf) {   // the whole tile lies after this row's position
+    if (visible <= 0) {   // the whole tile lies after this row's position
       store(srow, splat(0.0f));
       sc.corr[r] = 1.0f;
       continue;
     }
-    float m_new = std::max(m_old, mt), c = std::exp2(m_old - m_new);
+    const float* kh = k.p + (r % per_token) / group * D;
+    vf sv = scores_one_row<D>(sc.q.data() + r * D, kh, k.stride);
+    sv = lane_ids() < float(visible) ? sv : splat(kNegInf);
+    const float m_old = sc.m[r], m_new = std::max(m_old, hmax(sv));
+    const float c = m_new == m_old ? 1.0f : exp2v(splat(m_old - m_new))[0];
     vf p = exp2v(sv - m_new);
     store(srow, p);
     sc.l[r] = sc.l[r] * c + hsum(p);
@@ -203,7 +253,7 @@ void softmax_keys_in_lanes(const Tile& tl, int group, int64_t key0, int n, Scrat
   }
 }
 
-// ---- many rows (prefill): one key's scores lie along lanes, st[t * rows_pad + r] ----
+// ---- many rows (prefill): one key's scores along the lanes, st[t * rows_pad + r] ----
 
 template <int D>
 void scores_rows_in_lanes(const float* qt, int rows_pad, Rows k, float* st) {
@@ -245,56 +295,73 @@ void softmax_rows_in_lanes(const Tile& tl, int64_t key0, int n, Scratch& sc) {
   }
 }
 
-// ---- shared: acc[r] = acc[r] * corr[r] + sum_t p(r, t) * V[t] ----
+// ---- shared: acc[r] = acc[r] * corr[r] + sum_t p(r, t) * V[t], NR rows per V load ----
 
-template <int D>
-void accumulate_pv(const Tile& tl, Scratch& sc, int64_t p_row, int64_t p_key, Rows v, int n) {
-  constexpr int ND = D / kLanes;
-  constexpr int CH = ND % 4 == 0 ? 4 : (ND % 3 == 0 ? 3 : (ND % 2 == 0 ? 2 : 1));
-  for (int r = 0; r < tl.rows; ++r) {
-    float* acc = sc.acc.data() + r * D;
-    const float* p = sc.s.data() + r * p_row;
-    vf c = splat(sc.corr[r]);
-    for (int j0 = 0; j0 < ND; j0 += CH) {
-      vf a[CH];
-      for (int j = 0; j < CH; ++j) a[j] = load(acc + (j0 + j) * kLanes) * c;
-      for (int t = 0; t < n; ++t) {
-        vf pt = splat(p[t * p_key]);
-        for (int j = 0; j < CH; ++j) a[j] += pt * load(v.p + t * v.stride + (j0 + j) * kLanes);
+template <int D, int NR>
+INLINE void accumulate_rows(float* acc, const float* p, int64_t p_row, int64_t p_key,
+                            const float* corr, const float* v, int64_t v_stride, int n) {
+  constexpr int ND = D / kLanes, CH = ND < 4 ? ND : 4;
+  static_assert(ND % CH == 0 || ND < 4, "head_dim must be a multiple of 64 or below 64");
+  for (int j0 = 0; j0 < ND; j0 += CH) {
+    vf a[NR][CH];
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < CH; ++j) a[r][j] = load(acc + r * D + (j0 + j) * kLanes) * corr[r];
+    for (int t = 0; t < n; ++t) {
+      vf vv[CH];
+      for (int j = 0; j < CH; ++j) vv[j] = load(v + t * v_stride + (j0 + j) * kLanes);
+      for (int r = 0; r < NR; ++r) {
+        vf pt = splat(p[r * p_row + t * p_key]);
+        for (int j = 0; j < CH; ++j) a[r][j] += pt * vv[j];
       }
-      for (int j = 0; j < CH; ++j) store(acc + (j0 + j) * kLanes, a[j]);
     }
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < CH; ++j) store(acc + r * D + (j0 + j) * kLanes, a[r][j]);
   }
+}
+
+// Rows [r0, r1) all read V of the same kv head, at `v`.
+template <int D>
+void accumulate_pv(Scratch& sc, int r0, int r1, int64_t p_row, int64_t p_key, const float* v,
+                   int64_t v_stride, int n) {
+  int r = r0;
+  for (; r + kPvRows <= r1; r += kPvRows)
+    accumulate_rows<D, kPvRows>(sc.acc.data() + r * D, sc.s.data() + r * p_row, p_row, p_key,
+                                sc.corr.data() + r, v, v_stride, n);
+  for (; r < r1; ++r)
+    accumulate_rows<D, 1>(sc.acc.data() + r * D, sc.s.data() + r * p_row, p_row, p_key,
+                          sc.corr.data() + r, v, v_stride, n);
 }
 
 // ---- one work item ----
 
-template <typename Q, int D>
+template <typename Q, typename KV, int D>
 void load_queries(const Problem& pb, const Tile& tl, Scratch& sc) {
   const Q* q = static_cast<const Q*>(pb.q);
-  const int g = pb.group, rp = tl.rows_pad;
+  const int per_token = tl.nh * pb.group, rp = tl.rows_pad;
   for (int r = 0; r < rp; ++r) {
     const bool real = r < tl.rows;
-    const Q* src = q + (tl.tok0 + r / g) * pb.q_tok_stride + (tl.kv_head * g + r % g) * pb.q_head_stride;
+    const Q* src = q + (tl.tok0 + r / per_token) * pb.q_tok_stride +
+                   (tl.h0 * pb.group + r % per_token) * pb.q_head_stride;
     for (int d = 0; d < D; ++d) {
-      float x = real ? to_float(src[d]) * pb.scale_log2 : 0.0f;
+      float x = real ? to_float(src[kv_dim<KV>(d)]) * pb.scale_log2 : 0.0f;
       sc.q[tl.rows_in_lanes ? size_t(d) * rp + r : size_t(r) * D + d] = x;
     }
-    sc.qpos[r] = real ? float(r / g) : 3.0e38f;   // padding rows never masked: finite scores
+    sc.qpos[r] = real ? float(r / per_token) : 3.0e38f;   // padding rows are never masked
     sc.m[r] = kNegInf;
     sc.l[r] = 0.0f;
   }
   std::fill(sc.acc.begin(), sc.acc.begin() + size_t(tl.rows) * D, 0.0f);
 }
 
-template <typename Q, int D>
+template <typename Q, typename KV, int D>
 void store_output(const Problem& pb, const Tile& tl, const Scratch& sc) {
   Q* out = static_cast<Q*>(pb.out);
-  const int g = pb.group;
+  const int per_token = tl.nh * pb.group;
   for (int r = 0; r < tl.rows; ++r) {
-    Q* dst = out + ((tl.tok0 + r / g) * pb.hq + tl.kv_head * g + r % g) * int64_t(D);
+    const int64_t head = tl.h0 * pb.group + r % per_token;
+    Q* dst = out + ((tl.tok0 + r / per_token) * pb.hq + head) * int64_t(D);
     const float inv = 1.0f / sc.l[r];
-    for (int d = 0; d < D; ++d) from_float(sc.acc[size_t(r) * D + d] * inv, dst + d);
+    for (int d = 0; d < D; ++d) from_float(sc.acc[size_t(r) * D + d] * inv, dst + kv_dim<KV>(d));
   }
 }
 
@@ -306,62 +373,102 @@ Tile make_tile(const Problem& pb, const Item& it) {
   tl.pos0 = pb.seq_lens[it.req] - (end - start) + (it.tok_begin - start);
   tl.kv_len = tl.pos0 + tl.nq;
   tl.table = pb.tables + it.req * pb.table_stride;
-  tl.kv_head = it.kv_head;
-  tl.rows = tl.nq * pb.group;
-  tl.rows_in_lanes = tl.rows >= kLanes;
-  tl.rows_pad = (tl.rows + kLanes - 1) / kLanes * kLanes;
+  tl.h0 = it.h0;
+  tl.nh = it.nh;
+  tl.rows = tl.nq * tl.nh * pb.group;
+  tl.rows_in_lanes = tl.nq * pb.group >= kLanes;   // make_items gives such tiles one kv head
+  tl.rows_pad = tl.rows_in_lanes ? (tl.rows + kLanes - 1) / kLanes * kLanes : tl.rows;
   return tl;
+}
+
+template <typename KV, int D>
+void attend_tile(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k, const KV* v,
+                 int64_t key0, int n) {
+  const Rows kr = stage(k, pb.tok_stride, n, tl.nh * D, sc.kbuf.data());
+  const Rows vr = stage(v, pb.tok_stride, n, tl.nh * D, sc.vbuf.data());
+  if (tl.rows_in_lanes) {
+    scores_rows_in_lanes<D>(sc.q.data(), tl.rows_pad, kr, sc.s.data());
+    softmax_rows_in_lanes(tl, key0, n, sc);
+    accumulate_pv<D>(sc, 0, tl.rows, 1, tl.rows_pad, vr.p, vr.stride, n);
+    return;
+  }
+  softmax_keys_in_lanes<D>(tl, pb.group, kr, key0, n, sc);
+  for (int r0 = 0; r0 < tl.rows; r0 += pb.group) {   // one kv head's query rows at a time
+    const int head = (r0 / pb.group) % tl.nh;
+    accumulate_pv<D>(sc, r0, r0 + pb.group, kKeyTile, 1, vr.p + head * D, vr.stride, n);
+  }
+}
+
+// Starts loading the K/V rows of the tile at key0: blocks are scattered, so the hardware
+// prefetcher cannot see the next one coming, and one tile of work hides most of the latency.
+template <typename KV, int D>
+INLINE void prefetch_tile(const Problem& pb, const Tile& tl, const KV* k, const KV* v, int64_t key0) {
+  if (key0 >= tl.kv_len) return;
+  const int bs = pb.block_size, off = int(key0 % bs);
+  const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
+  const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < tl.nh * D; j += 64 / int(sizeof(KV))) {
+      __builtin_prefetch(k + at + t * pb.tok_stride + j);
+      __builtin_prefetch(v + at + t * pb.tok_stride + j);
+    }
 }
 
 template <typename KV, int D>
 void run_item(const Problem& pb, const Item& it, Scratch& sc) {
   const Tile tl = make_tile(pb, it);
-  pb.q_bf16 ? load_queries<uint16_t, D>(pb, tl, sc) : load_queries<float, D>(pb, tl, sc);
-  const KV* k_head = static_cast<const KV*>(pb.k) + tl.kv_head * D;
-  const KV* v_head = static_cast<const KV*>(pb.v) + tl.kv_head * D;
+  pb.q_bf16 ? load_queries<uint16_t, KV, D>(pb, tl, sc) : load_queries<float, KV, D>(pb, tl, sc);
+  const KV* k_heads = static_cast<const KV*>(pb.k) + tl.h0 * D;
+  const KV* v_heads = static_cast<const KV*>(pb.v) + tl.h0 * D;
   const int bs = pb.block_size;
   for (int64_t key0 = 0; key0 < tl.kv_len;) {
     const int off = int(key0 % bs);
     const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
     const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
-    const int n_pad = tl.rows_in_lanes ? kKeyTile : n;
-    Rows k = stage<D>(k_head + at, pb.tok_stride, n, n_pad, sc.kbuf.data());
-    Rows v = stage<D>(v_head + at, pb.tok_stride, n, n_pad, sc.vbuf.data());
-    if (tl.rows_in_lanes) {
-      scores_rows_in_lanes<D>(sc.q.data(), tl.rows_pad, k, sc.s.data());
-      softmax_rows_in_lanes(tl, key0, n, sc);
-      accumulate_pv<D>(tl, sc, 1, tl.rows_pad, v, n);
-    } else {
-      scores_keys_in_lanes<D>(sc.q.data(), tl.rows, k, n, sc.s.data());
-      softmax_keys_in_lanes(tl, pb.group, key0, n, sc);
-      accumulate_pv<D>(tl, sc, kKeyTile, 1, v, n);
-    }
+#ifndef PFD
+#define PFD 1
+#endif
+    if (PFD > 0) prefetch_tile<KV, D>(pb, tl, k_heads, v_heads, key0 + n + (PFD - 1) * kKeyTile);
+    attend_tile<KV, D>(pb, tl, sc, k_heads + at, v_heads + at, key0, n);
     key0 += n;
   }
-  pb.q_bf16 ? store_output<uint16_t, D>(pb, tl, sc) : store_output<float, D>(pb, tl, sc);
+  pb.q_bf16 ? store_output<uint16_t, KV, D>(pb, tl, sc) : store_output<float, KV, D>(pb, tl, sc);
 }
 
 // ---- scheduling ----
 
-// Work items, heaviest first so the dynamic schedule ends balanced. Validates the metadata the
-// kernel would otherwise trust with raw pointers.
-std::vector<Item> make_items(const Problem& pb, int64_t num_reqs, int64_t num_blocks,
-                             int64_t table_width) {
+// Rejects metadata the kernel would otherwise trust with raw pointers.
+void check_request(const Problem& pb, int64_t req, int64_t num_blocks, int64_t table_width) {
+  const int64_t start = pb.starts[req], end = pb.starts[req + 1], seq = pb.seq_lens[req];
+  STD_TORCH_CHECK(start <= end && end - start <= seq, "request ", req, ": bad query range");
+  if (start == end) return;
+  const int64_t used_blocks = (seq + pb.block_size - 1) / pb.block_size;
+  STD_TORCH_CHECK(used_blocks <= table_width, "request ", req, ": block table too short");
+  for (int64_t b = 0; b < used_blocks; ++b) {
+    const int64_t block = pb.tables[req * pb.table_stride + b];
+    STD_TORCH_CHECK(block >= 0 && block < num_blocks, "request ", req, ": bad block ", block);
+  }
+}
+
+// Work items, heaviest first so the dynamic schedule ends balanced. Few-row tiles take all kv
+// heads (whole cache blocks read in order) unless that leaves too few items for the threads.
+std::vector<Item> make_items(const Problem& pb, int64_t num_reqs, int threads) {
   std::vector<Item> items;
+  int64_t fused_items = 0;
+  for (int64_t req = 0; req < num_reqs; ++req) {
+    const int64_t q_len = pb.starts[req + 1] - pb.starts[req];
+    fused_items += q_len * pb.group >= kLanes ? pb.hkv * ((q_len + kQueryTile - 1) / kQueryTile)
+                                              : (q_len > 0);
+  }
+  const bool split_heads = fused_items < 2 * threads;
   for (int64_t req = 0; req < num_reqs; ++req) {
     const int64_t start = pb.starts[req], end = pb.starts[req + 1], seq = pb.seq_lens[req];
-    STD_TORCH_CHECK(start <= end && end - start <= seq, "request ", req, ": bad query range");
-    const int64_t used_blocks = (seq + pb.block_size - 1) / pb.block_size;
-    STD_TORCH_CHECK(end == start || used_blocks <= table_width, "request ", req,
-                    ": block table too short for seq_len ", seq);
-    for (int64_t b = 0; b < used_blocks && end > start; ++b) {
-      const int64_t block = pb.tables[req * pb.table_stride + b];
-      STD_TORCH_CHECK(block >= 0 && block < num_blocks, "request ", req, ": bad block ", block);
-    }
     for (int64_t t = start; t < end; t += kQueryTile) {
       const int64_t t_end = std::min(end, t + kQueryTile);
       const int64_t cost = (t_end - t) * (seq - (end - t_end));
-      for (int h = 0; h < pb.hkv; ++h) items.push_back({req, t, t_end, cost, h});
+      const bool one_head = split_heads || (t_end - t) * pb.group >= kLanes;
+      const int nh = one_head ? 1 : pb.hkv;
+      for (int h = 0; h < pb.hkv; h += nh) items.push_back({req, t, t_end, cost * nh, h, nh});
     }
   }
   std::stable_sort(items.begin(), items.end(),
@@ -371,11 +478,16 @@ std::vector<Item> make_items(const Problem& pb, int64_t num_reqs, int64_t num_bl
 
 template <typename KV, int D>
 void run_all(const Problem& pb, const std::vector<Item>& items, int threads) {
-  const int max_rows_pad = (kQueryTile * pb.group + kLanes - 1) / kLanes * kLanes;
+  int max_rows = 0, max_nh = 1;
+  for (const Item& it : items) {
+    const Tile tl = make_tile(pb, it);
+    max_rows = std::max(max_rows, tl.rows_pad);
+    max_nh = std::max(max_nh, tl.nh);
+  }
   const int64_t num_items = int64_t(items.size());
 #pragma omp parallel num_threads(threads)
   {
-    Scratch sc(max_rows_pad, D);
+    Scratch sc(max_rows, max_nh * D, D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) run_item<KV, D>(pb, items[i], sc);
   }
@@ -386,7 +498,6 @@ void run_dim(const Problem& pb, const std::vector<Item>& items, int threads) {
   switch (pb.head_dim) {
     case 32: return run_all<KV, 32>(pb, items, threads);
     case 64: return run_all<KV, 64>(pb, items, threads);
-    case 96: return run_all<KV, 96>(pb, items, threads);
     case 128: return run_all<KV, 128>(pb, items, threads);
     case 256: return run_all<KV, 256>(pb, items, threads);
     default: STD_TORCH_CHECK(false, "paged_attention: unsupported head_dim ", pb.head_dim);
@@ -413,14 +524,9 @@ void check_inputs(const Tensor& out, const Tensor& query, const Tensor& kv_cache
   STD_TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= seq_lens.numel(), "tables");
 }
 
-}  // namespace
-
-// out[t, h] = softmax(q[t, h] . K^T * scale, causal) . V over the request's paged context.
-void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tables,
-                     Tensor query_start_loc, Tensor seq_lens, double scale, int64_t num_threads) {
-  check_inputs(out, query, kv_cache, block_tables, query_start_loc, seq_lens);
-  const int64_t num_blocks = kv_cache.size(1), hkv = kv_cache.size(3), d = kv_cache.size(4);
-  const bool kv_bf16 = kv_cache.scalar_type() == ScalarType::BFloat16;
+Problem make_problem(const Tensor& out, const Tensor& query, const Tensor& kv_cache,
+                     const Tensor& block_tables, const Tensor& starts, const Tensor& seq_lens,
+                     double scale) {
   const char* kv = static_cast<const char*>(kv_cache.const_data_ptr());
   Problem pb;
   pb.q = query.const_data_ptr();
@@ -434,18 +540,34 @@ void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tab
   pb.tok_stride = kv_cache.stride(2);
   pb.tables = static_cast<const int64_t*>(block_tables.const_data_ptr());
   pb.table_stride = block_tables.size(1);
-  pb.starts = static_cast<const int64_t*>(query_start_loc.const_data_ptr());
+  pb.starts = static_cast<const int64_t*>(starts.const_data_ptr());
   pb.seq_lens = static_cast<const int64_t*>(seq_lens.const_data_ptr());
   pb.hq = int(query.size(1));
-  pb.hkv = int(hkv);
-  pb.group = int(query.size(1) / hkv);
+  pb.hkv = int(kv_cache.size(3));
+  pb.group = pb.hq / pb.hkv;
   pb.block_size = int(kv_cache.size(2));
-  pb.head_dim = int(d);
+  pb.head_dim = int(kv_cache.size(4));
   pb.scale_log2 = float(scale * 1.4426950408889634);
-  const std::vector<Item> items = make_items(pb, seq_lens.numel(), num_blocks, block_tables.size(1));
+  return pb;
+}
+
+}  // namespace
+
+// out[t, h] = softmax(q[t, h] . K^T * scale, causal) . V over the request's paged context.
+void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tables,
+                     Tensor query_start_loc, Tensor seq_lens, double scale, int64_t num_threads) {
+  check_inputs(out, query, kv_cache, block_tables, query_start_loc, seq_lens);
+  const Problem pb = make_problem(out, query, kv_cache, block_tables, query_start_loc, seq_lens,
+                                  scale);
+  const int64_t num_reqs = seq_lens.numel();
+  for (int64_t req = 0; req < num_reqs; ++req)
+    check_request(pb, req, kv_cache.size(1), block_tables.size(1));
+  const int threads = int(std::max<int64_t>(num_threads, 1));
+  const std::vector<Item> items = make_items(pb, num_reqs, threads);
   if (items.empty()) return;
-  const int threads = int(std::clamp<int64_t>(num_threads, 1, int64_t(items.size())));
-  kv_bf16 ? run_dim<uint16_t>(pb, items, threads) : run_dim<float>(pb, items, threads);
+  const int used = std::min(threads, int(items.size()));
+  kv_cache.scalar_type() == ScalarType::BFloat16 ? run_dim<uint16_t>(pb, items, used)
+                                                 : run_dim<float>(pb, items, used);
 }
 
 }  // namespace conveyor_cpu

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.engine_thread import (AddCommand, EngineDeadError, EngineSnapshot,
                                             EngineThread, Inbox, OutputObserver)
@@ -152,7 +152,7 @@ class AsyncEngine:
         self._check_accepting()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
-            raise ConveyorError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         stream = RequestStream(request_id, self)
         added = self._loop.create_future()
         cmd = AddCommand(request_id, prompt, params, priority, tenant, time.monotonic(),
@@ -165,6 +165,7 @@ class AsyncEngine:
                                      "retry later")
             await asyncio.shield(added)
         except asyncio.CancelledError:
+            added.cancel()          # nobody will read the outcome any more
             self.abort(request_id)
             raise
         except BaseException:

@@ -6,7 +6,9 @@ Owns the command inbox (event loop -> thread), the step loop, and the hand-back 
 - Only this thread calls into the ``LLMEngine``; it is not thread-safe.
 - Commands are applied between steps: adds first, then aborts (so an abort racing its own add
   still lands), then one ``step()``. An abort therefore frees KV blocks before the next schedule.
-- With no command and no unfinished request the thread sleeps on a condition variable.
+- With no command and no unfinished request the thread sleeps on a condition variable; when
+  requests exist but a step scheduled nothing (static/dynamic batching waiting to launch a batch)
+  it waits ``_STALL_WAIT_S`` for commands before stepping again, instead of spinning.
 - Outputs handed back are copies made on this thread, with deltas recomputed from the cumulative
   text and tokens, so the loop side never sees an object this thread will mutate again.
 - Every request that was added gets exactly one finished output: "stop", "length", "abort", or
@@ -26,6 +28,8 @@ from conveyor.sampling_params import SamplingParams
 from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger("conveyor.serving")
+
+_STALL_WAIT_S = 0.002
 
 
 class EngineDeadError(ConveyorError):
@@ -86,7 +90,8 @@ class Inbox:
         self.closed_reason: str | None = None
 
     def put_add(self, cmd: AddCommand, max_queued: int | None) -> bool:
-        """Queue an add; False when ``max_queued`` sequences are already queued. Raises if closed."""
+        """Queue an add; False when it would take the queue past ``max_queued`` sequences (an
+        empty queue takes any request). Raises EngineDeadError once closed."""
         with self._cond:
             if self.closed_reason is not None:
                 raise EngineDeadError(self.closed_reason)
@@ -108,11 +113,13 @@ class Inbox:
             self._batch.stop = True
             self._cond.notify()
 
-    def take(self, block: bool) -> _Batch:
-        """Everything queued so far; with ``block``, sleep until there is something."""
+    def take(self, block: bool, timeout: float | None = None) -> _Batch:
+        """Everything queued so far; with ``block``, sleep until there is something (or until
+        ``timeout`` seconds passed)."""
         with self._cond:
-            while block and not (self._batch.adds or self._batch.aborts or self._batch.stop):
-                self._cond.wait()
+            if block:
+                self._cond.wait_for(
+                    lambda: self._batch.adds or self._batch.aborts or self._batch.stop, timeout)
             batch, self._batch = self._batch, _Batch(stop=self._batch.stop)
             self._num_in_transit += self._num_pending
             self._num_pending = 0
@@ -156,9 +163,12 @@ class EngineThread:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        stalled = False
         try:
             while True:
-                batch = self.inbox.take(block=not self.engine.has_unfinished_requests())
+                busy = self.engine.has_unfinished_requests()
+                batch = self.inbox.take(block=stalled or not busy,
+                                        timeout=_STALL_WAIT_S if busy else None)
                 outputs: list[RequestOutput] = []
                 for cmd in batch.adds:
                     self._add(cmd)
@@ -169,6 +179,7 @@ class EngineThread:
                         outputs += self.engine.abort_request(request_id)
                 elif self.engine.has_unfinished_requests():
                     outputs += self.engine.step()
+                    stalled = self.engine.core.scheduler.last_stats.num_scheduled_tokens == 0
                 self._hand_back(outputs)
                 if batch.stop:
                     for cmd in self.inbox.close("the engine has stopped"):
@@ -189,7 +200,9 @@ class EngineThread:
         cmd.on_added(None)
 
     def _hand_back(self, outputs: list[RequestOutput]) -> None:
-        frozen = [self._freeze(out) for out in outputs]
+        self._deliver([self._freeze(out) for out in outputs])
+
+    def _deliver(self, frozen: list[RequestOutput]) -> None:
         self.snapshot = _take_snapshot(self.engine)
         self.inbox.set_engine_waiting(self.snapshot.num_waiting)
         if not frozen:
@@ -226,8 +239,7 @@ class EngineThread:
                      exc_info=exc)
         for cmd in self.inbox.close(message):
             cmd.on_added(EngineDeadError(message))
-        outputs = [self._error_output(rid, n, message) for rid, n in list(self._live.items())]
-        self.publish(outputs)
+        self._deliver([self._error_output(rid, n, message) for rid, n in list(self._live.items())])
 
     def _error_output(self, request_id: str, n: int, message: str) -> RequestOutput:
         try:

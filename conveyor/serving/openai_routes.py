@@ -19,10 +19,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from conveyor.sampling_params import SamplingParams
 from conveyor.serving.app_state import AppState, app_state, read_json, request_identity
 from conveyor.serving.async_engine import RequestStream
 from conveyor.serving.http_errors import ApiError, error_event, to_api_error
@@ -40,35 +42,37 @@ def add_openai_routes(app: FastAPI) -> None:
 
 
 async def create_completion(request: Request) -> Response:
-    state = app_state(request)
-    engine = state.require_engine()
-    req = parse_body(CompletionRequest, await read_json(request, state.config.max_body_bytes))
-    state.check_model(req.model)
+    state, req = await _parse(request, CompletionRequest)
     params = req.sampling_params(state.limits)
     prompt = req.single_prompt()
     prompt_ids = await state.run_tokenizer(state.tokenizer.encode, prompt) \
         if isinstance(prompt, str) else prompt
-    state.check_prompt_length(len(prompt_ids))
-    priority, tenant = request_identity(request, req.priority)
-    meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat=False)
-    stream = await engine.add_request(prompt_ids, params, request_id=meta.id, priority=priority,
-                                      tenant=tenant)
-    return await _respond(state, request, meta, stream, req.stream, req.include_usage)
+    return await _generate(state, request, req, params, prompt_ids, chat=False)
 
 
 async def create_chat_completion(request: Request) -> Response:
-    state = app_state(request)
-    engine = state.require_engine()
-    req = parse_body(ChatCompletionRequest, await read_json(request, state.config.max_body_bytes))
-    state.check_model(req.model)
+    state, req = await _parse(request, ChatCompletionRequest)
     params = req.sampling_params(state.limits)
     prompt_ids = await state.run_tokenizer(_render_chat, state.tokenizer, req.messages)
+    return await _generate(state, request, req, params, prompt_ids, chat=True)
+
+
+async def _parse(request: Request, model: type) -> tuple[AppState, Any]:
+    state = app_state(request)
+    state.require_engine()
+    req = parse_body(model, await read_json(request, state.config.max_body_bytes))
+    state.check_model(req.model)
+    return state, req
+
+
+async def _generate(state: AppState, request: Request, req: Any, params: SamplingParams,
+                    prompt_ids: list[int], chat: bool) -> Response:
     state.check_prompt_length(len(prompt_ids))
     priority, tenant = request_identity(request, req.priority)
-    meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name,
-                        chat=True)
-    stream = await engine.add_request(prompt_ids, params, request_id=meta.id, priority=priority,
-                                      tenant=tenant)
+    prefix = "chatcmpl" if chat else "cmpl"
+    meta = ResponseMeta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat)
+    stream = await state.require_engine().add_request(
+        prompt_ids, params, request_id=meta.id, priority=priority, tenant=tenant)
     return await _respond(state, request, meta, stream, req.stream, req.include_usage)
 
 

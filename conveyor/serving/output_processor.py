@@ -66,11 +66,17 @@ class OutputProcessor:
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
+        updated: set[str] = set()
         for out in core_outputs:
             child = self.children.get(out.request_id)
             if child is not None:
                 self._apply(child, out)
                 touched[child.parent.request_id] = child.parent
+                updated.add(out.request_id)
+        for parent in touched.values():
+            for c in parent.children:
+                if c.request.request_id not in updated:
+                    _clear_delta(c.completion)       # a sibling that got no token this step
         return [self._emit(p) for p in touched.values()]
 
     def finish_aborted(self, child_ids: list[str]) -> list[RequestOutput]:
@@ -79,6 +85,7 @@ class OutputProcessor:
         for cid in child_ids:
             child = self.children.get(cid)
             if child is not None and not child.completion.finished:
+                _clear_delta(child.completion)
                 child.completion.finish_reason = child.request.finish_reason.value \
                     if child.request.finish_reason else FinishReason.ABORT.value
                 touched[child.parent.request_id] = child.parent
@@ -123,3 +130,7 @@ class OutputProcessor:
             for c in parent.children:
                 self.children.pop(c.request.request_id, None)
         return out
+
+
+def _clear_delta(comp: CompletionOutput) -> None:
+    comp.delta_text, comp.delta_token_ids, comp.delta_logprobs = "", [], []
