@@ -93,7 +93,7 @@ def test_http_timeout_priority_and_tenant_reach_the_engine(engine, monkeypatch):
     async def scenario(client):
         while (await client.get("/health")).status_code != 200:
             await asyncio.sleep(0.05)
-        body = {"prompt": prompt(6), "max_tokens": 300, "ignore_eos": True}
+        body = {"prompt": prompt(6), "max_tokens": 370, "ignore_eos": True}
         timed_out = await client.post("/v1/completions", json=body,
                                       headers={"Authorization": "Bearer b", "X-Priority": "5"})
         short = {**body, "max_tokens": 2, "priority": 2}
@@ -101,10 +101,40 @@ def test_http_timeout_priority_and_tenant_reach_the_engine(engine, monkeypatch):
                                    headers={"Authorization": "Bearer a", "X-Tenant": "acme"})
         return timed_out, tagged
 
-    app = build_app(ServerConfig(api_keys=("a", "b"), request_timeout=0.3), lambda: engine)
+    # The timeout must abort a 370-token generation yet let a 2-token one finish on a busy machine.
+    app = build_app(ServerConfig(api_keys=("a", "b"), request_timeout=2.0), lambda: engine)
     timed_out, tagged = asyncio.run(_serve_in_process(app, scenario))
     choice = timed_out.json()["choices"][0]
-    assert choice["finish_reason"] == "abort" and timed_out.json()["usage"]["completion_tokens"] < 300
+    assert choice["finish_reason"] == "abort" and timed_out.json()["usage"]["completion_tokens"] < 370
     assert tagged.json()["choices"][0]["finish_reason"] == "length"
     assert seen == [(5, "key1"), (2, "acme")]
+    assert_all_blocks_free(engine)
+
+
+def test_tenant_limits_refuse_with_429_per_tenant_only(engine):
+    async def scenario(client):
+        while (await client.get("/health")).status_code != 200:
+            await asyncio.sleep(0.05)
+        long = {"prompt": prompt(6), "max_tokens": 120, "ignore_eos": True}
+        first = asyncio.ensure_future(client.post("/v1/completions", json=long,
+                                                  headers={"X-Tenant": "acme"}))
+        while not engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)                          # acme's first request is in
+        second = await client.post("/v1/completions", json=long, headers={"X-Tenant": "acme"})
+        other = await client.post("/v1/completions", json={"prompt": prompt(4), "max_tokens": 2},
+                                  headers={"X-Tenant": "globex"})
+        await first
+        after = await client.post("/v1/completions", json={"prompt": prompt(4), "max_tokens": 2},
+                                  headers={"X-Tenant": "acme"})
+        too_big = await client.post("/v1/completions", json={"prompt": prompt(4), "max_tokens": 300},
+                                    headers={"X-Tenant": "initech"})
+        return second, other, after, too_big
+
+    app = build_app(ServerConfig(tenant_max_concurrency=1, tenant_max_tokens_per_minute=200),
+                    lambda: engine)
+    second, other, after, too_big = asyncio.run(_serve_in_process(app, scenario))
+    assert second.status_code == 429 and second.json()["error"]["code"] == "tenant_concurrency_limit"
+    assert "Retry-After" in second.headers
+    assert other.status_code == 200 and after.status_code == 200
+    assert too_big.status_code == 429 and too_big.json()["error"]["code"] == "tenant_token_limit"
     assert_all_blocks_free(engine)

@@ -11,7 +11,8 @@ Invariants:
   the build directory serialises processes. The outcome is remembered; a failure is logged once
   (and marked on disk, so later processes skip the attempt) and callers fall back to
   ``SplitAttention``. Nothing in conveyor needs a compiler.
-- ``CONVEYOR_DISABLE_CPU_KERNEL=1`` forces the fallback.
+- ``CONVEYOR_DISABLE_CPU_KERNEL=1`` forces the fallback; ``CONVEYOR_CPU_KERNEL_ARCH`` overrides
+  the target flags (default -march=native).
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def _compiler() -> str:
 
 
 def _arch_flags() -> list[str]:
-    """-march=native where the compiler accepts it, else the AVX2 baseline, else nothing."""
+    """``CONVEYOR_CPU_KERNEL_ARCH`` if set (e.g. "-mavx2 -mfma" to build for older CPUs), else
+    -march=native where the compiler accepts it, else the AVX2 baseline, else nothing."""
+    override = os.environ.get("CONVEYOR_CPU_KERNEL_ARCH")
+    if override is not None:
+        return override.split()
     flags = cpu_info().flags
     for candidate in (["-march=native"], ["-mavx2", "-mfma"]):
         if candidate == ["-mavx2", "-mfma"] and not {"avx2", "fma"} <= flags:

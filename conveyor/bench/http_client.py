@@ -6,6 +6,11 @@ Owns ``conveyor bench serve``'s client side: each request is sent at its arrival
 from the final ``usage`` object (asked for with ``stream_options.include_usage``) when the server
 sends one, else as the number of chunks carrying text. A failed request (HTTP error, connection
 error, an ``error`` event in the stream) is recorded with its message; the run goes on.
+
+A request's group travels as conveyor's server reads it: a non-zero priority as the body field
+``priority`` (left out at 0, so servers without priorities see the plain OpenAI body), a tenant as
+the ``X-Tenant`` header. Prefix-cache hits are read from ``usage.prompt_tokens_details.cached_tokens``
+when the server reports them.
 """
 
 from __future__ import annotations
@@ -32,8 +37,16 @@ def completion_payload(req: BenchRequest, model: str, send_token_ids: bool = Fal
     """The /v1/completions body for one benchmark request (greedy, EOS ignored, streamed)."""
     use_ids = send_token_ids and req.prompt_token_ids is not None
     prompt = req.prompt_token_ids if use_ids else req.prompt
-    return {"model": model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
+    body = {"model": model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if req.priority:
+        body["priority"] = req.priority
+    return body
+
+
+def request_headers(req: BenchRequest) -> dict[str, str]:
+    """Per-request headers: ``X-Tenant`` when the request has a tenant."""
+    return {"X-Tenant": req.tenant} if req.tenant else {}
 
 
 async def fetch_model_name(client: httpx.AsyncClient) -> str:
@@ -47,10 +60,10 @@ async def fetch_model_name(client: httpx.AsyncClient) -> str:
                           "pass --model NAME") from e
 
 
-async def _stream_one(client: httpx.AsyncClient, payload: dict, rec: RequestRecord,
+async def _stream_one(client: httpx.AsyncClient, payload: dict, headers: dict, rec: RequestRecord,
                       t0: float) -> None:
     content_chunks, usage = 0, None
-    async with client.stream("POST", "/v1/completions", json=payload) as resp:
+    async with client.stream("POST", "/v1/completions", json=payload, headers=headers) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode("utf-8", "replace")
             rec.error = f"HTTP {resp.status_code}: {body[:300]}"
@@ -74,19 +87,27 @@ async def _stream_one(client: httpx.AsyncClient, payload: dict, rec: RequestReco
             usage = event.get("usage") or usage
     rec.finish = time.perf_counter() - t0
     rec.output_len = content_chunks
-    if usage and isinstance(usage.get("completion_tokens"), int):
+    _read_usage(usage or {}, rec)
+
+
+def _read_usage(usage: dict, rec: RequestRecord) -> None:
+    if isinstance(usage.get("completion_tokens"), int):
         rec.output_len = usage["completion_tokens"]
-    if usage and isinstance(usage.get("prompt_tokens"), int):
+    if isinstance(usage.get("prompt_tokens"), int):
         rec.prompt_len = usage["prompt_tokens"]
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        rec.cached_tokens = details["cached_tokens"]
 
 
 async def _one(client, req: BenchRequest, payload: dict, t0: float, gate: asyncio.Semaphore | None,
                bar) -> RequestRecord:
     await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
     async with gate if gate is not None else contextlib.nullcontext():
-        rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, time.perf_counter() - t0)
+        rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, time.perf_counter() - t0,
+                            tenant=req.tenant, priority=req.priority)
         try:
-            await _stream_one(client, payload, rec, t0)
+            await _stream_one(client, payload, request_headers(req), rec, t0)
         except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
             rec.error = f"{type(e).__name__}: {e}"
     bar.update(1)

@@ -7,6 +7,8 @@ Owns the arithmetic only (no I/O). Definitions, as in vLLM's ``bench serve``:
   / (output tokens - 1). ITL: every gap between consecutive output chunks, pooled over requests.
 - Percentiles use linear interpolation (numpy's default); latencies are reported in milliseconds.
 - Goodput: requests per second that completed and met every SLO given (ttft, tpot, e2e in ms).
+- Groups (per tenant, per priority): the same summary over the group's requests, with throughputs
+  over the whole run's duration, so the groups' throughputs add up to the run's.
 
 Batch metrics come from the engine's step log (in-process runs only):
 
@@ -27,6 +29,7 @@ from conveyor.bench.records import RequestRecord, StepSample
 from conveyor.bench.workloads import WorkloadError
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
+GROUP_KEYS = ("tenant", "priority")     # RequestRecord fields a run is broken down by
 
 
 @dataclass(slots=True)
@@ -133,6 +136,26 @@ def summarize(records: list[RequestRecord], slos: dict[str, float] | None = None
         summary.goodput, summary.slos_ms = per_s(good), dict(slos)
         summary.goodput_fraction = good / len(records) if records else 0.0
     return summary
+
+
+def summarize_groups(records: list[RequestRecord], slos: dict[str, float] | None = None,
+                     duration_s: float | None = None) -> dict[str, dict[str, RunSummary]]:
+    """Per-group summaries: ``{"tenant": {"A": ..., "B": ...}, "priority": {"0": ..., "1": ...}}``.
+
+    A key appears only when the records hold more than one distinct value of it (keys are
+    strings, sorted; priorities numerically). Throughputs divide by ``duration_s`` (default: the
+    whole run's, as ``summarize`` computes it), not by the group's own span.
+    """
+    if duration_s is None:
+        duration_s = summarize(records).duration_s
+    groups: dict[str, dict[str, RunSummary]] = {}
+    for key in GROUP_KEYS:
+        values = sorted({getattr(r, key) for r in records})
+        if len(values) < 2:
+            continue
+        groups[key] = {str(v): summarize([r for r in records if getattr(r, key) == v], slos, duration_s)
+                       for v in values}
+    return groups
 
 
 def summarize_steps(steps: list[StepSample]) -> BatchSummary | None:

@@ -4,7 +4,9 @@ Owns the step loop of ``conveyor bench offline`` / ``compare``: a request is add
 arrival time comes (with that arrival time, so time spent waiting for a running step counts as
 queueing), the engine steps whenever it has work, and the loop sleeps only when the engine is idle
 and the next request has not arrived yet. Uses the engine's public API only: ``add_request``,
-``step``, ``has_unfinished_requests``, and the step log the engine keeps with ``record_steps=True``.
+``step``, ``has_unfinished_requests``, the step log the engine keeps with ``record_steps=True``,
+and (read-only, where present) the engine's cumulative prefix-cache and preemption counters, whose
+change over a run is reported as the run's ``engine_stats``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class RunResult:
     wall_s: float = 0.0
     request_rate: float | None = None
     burstiness: float | None = None
+    # In-process only: {"prefix_cache": {"queries", "hits", "hit_rate"}, "preemptions_by_mode":
+    # {mode: count}}, each the change over this run; None when the engine keeps no counters.
+    engine_stats: dict | None = None
 
 
 def bench_params(max_tokens: int) -> SamplingParams:
@@ -55,20 +60,47 @@ def _step_log(engine) -> list | None:
     return getattr(getattr(engine, "core", None), "step_log", None)
 
 
+def engine_counters(engine) -> dict | None:
+    """The engine's cumulative prefix-cache (tokens) and per-mode preemption counters, or None."""
+    core = getattr(engine, "core", None)
+    kv, sched = getattr(core, "kv_manager", None), getattr(core, "scheduler", None)
+    queries, hits = getattr(kv, "num_prefix_queries", None), getattr(kv, "num_prefix_hits", None)
+    by_mode = getattr(sched, "num_preemptions_by_mode", None)
+    if not isinstance(queries, int) or not isinstance(hits, int):
+        return None
+    return {"queries": queries, "hits": hits,
+            "by_mode": dict(by_mode) if isinstance(by_mode, dict) else {}}
+
+
+def counters_delta(before: dict | None, after: dict | None) -> dict | None:
+    """A run's ``engine_stats`` from ``engine_counters`` taken before and after it."""
+    if before is None or after is None:
+        return None
+    queries, hits = after["queries"] - before["queries"], after["hits"] - before["hits"]
+    modes = sorted(set(before["by_mode"]) | set(after["by_mode"]))
+    return {"prefix_cache": {"queries": queries, "hits": hits,
+                             "hit_rate": hits / queries if queries else None},
+            "preemptions_by_mode": {m: after["by_mode"].get(m, 0) - before["by_mode"].get(m, 0)
+                                    for m in modes}}
+
+
 def run_offline(engine, workload: Workload, label: str = "offline", config: dict | None = None,
                 progress: bool = True, id_prefix: str | None = None, clock=time.monotonic,
-                sleep=time.sleep) -> RunResult:
+                sleep=time.sleep, send_priority: bool = True) -> RunResult:
     """Run ``workload`` through ``engine`` honouring arrival times; returns what was observed.
 
     Engine request ids are ``<id_prefix>/<request id>`` (``id_prefix`` defaults to ``label``), so
     several runs can share one engine.
     Requests the engine rejects (too long for the context, too big for the KV cache) are recorded
     as failed with the engine's message; the run goes on.
+    ``send_priority=False`` submits every request at priority 0 (a first-come-first-served
+    baseline) while records keep each request's priority class for the per-group breakdown.
     """
     prefix = f"{id_prefix if id_prefix is not None else label}/"
     pending = deque(sorted(workload.requests, key=lambda r: r.arrival_s))
     log = _step_log(engine)
     log_start = len(log) if log is not None else 0
+    counters = engine_counters(engine)
     records: dict[str, RequestRecord] = {}
     bar = tqdm(total=len(pending), desc=label, unit="req", disable=not progress, leave=False)
     t0 = clock()
@@ -76,7 +108,7 @@ def run_offline(engine, workload: Workload, label: str = "offline", config: dict
         now = clock() - t0
         while pending and pending[0].arrival_s <= now:
             req = pending.popleft()
-            records[req.request_id] = _submit(engine, req, prefix, t0)
+            records[req.request_id] = _submit(engine, req, prefix, t0, send_priority)
             if records[req.request_id].error:
                 bar.update(1)
         wait = math.inf
@@ -94,15 +126,18 @@ def run_offline(engine, workload: Workload, label: str = "offline", config: dict
     bar.close()
     steps = samples_from_step_log(log[log_start:], t0, _max_num_seqs(engine)) if log is not None else []
     ordered = [records[r.request_id] for r in workload.requests]
-    return RunResult(label, ordered, steps, dict(config or {}), wall)
+    return RunResult(label, ordered, steps, dict(config or {}), wall,
+                     engine_stats=counters_delta(counters, engine_counters(engine)))
 
 
-def _submit(engine, req: BenchRequest, prefix: str, t0: float) -> RequestRecord:
-    rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, req.arrival_s)
+def _submit(engine, req: BenchRequest, prefix: str, t0: float, send_priority: bool) -> RequestRecord:
+    rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, req.arrival_s,
+                        tenant=req.tenant, priority=req.priority)
     prompt = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
     try:
         engine.add_request(prompt, bench_params(req.max_tokens), request_id=prefix + req.request_id,
-                           arrival_time=t0 + req.arrival_s, priority=req.priority, tenant=req.tenant)
+                           arrival_time=t0 + req.arrival_s,
+                           priority=req.priority if send_priority else 0, tenant=req.tenant)
     except ConveyorError as e:
         rec.error = str(e)
     return rec
@@ -122,6 +157,7 @@ def _collect(outputs, records: dict[str, RequestRecord], prefix: str, now: float
         if out.finished:
             rec.finish = now
             rec.num_preemptions = out.metrics.num_preemptions
+            rec.cached_tokens = getattr(out, "num_cached_tokens", None)
             if comp.finish_reason in ("abort", "error"):
                 rec.error = out.error or f"finished with reason {comp.finish_reason!r}"
             bar.update(1)

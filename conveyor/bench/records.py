@@ -18,6 +18,7 @@ class RequestRecord:
     arrival: when it was sent (HTTP) or when it arrived (in-process; queueing counts as latency).
     chunk_times: when each piece of output arrived (a streamed chunk or an engine step's delta);
     their gaps are the inter-token latencies. output_len counts tokens (server ``usage`` when given).
+    tenant / priority: the request's group, for per-group breakdowns.
     """
 
     request_id: str
@@ -30,6 +31,9 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     error: str = ""
+    tenant: str = ""                    # the tenant it was sent as ("" = none)
+    priority: int = 0                   # its priority class (lower = more urgent)
+    cached_tokens: int | None = None    # prompt tokens served from a prefix cache, when known
 
     @property
     def success(self) -> bool:

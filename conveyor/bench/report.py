@@ -1,6 +1,6 @@
-"""Benchmark reports: one JSON document, a console table, and where the plots went.
+"""Benchmark reports: one JSON document per invocation, and where the plots went.
 
-Owns the report's schema (``SCHEMA``; documented in docs/bench.md) and its rendering. Every report
+Owns the report's schema (``SCHEMA``; documented in docs/bench.md); ``console`` renders it. Every report
 carries the exact command line, ``conveyor.platform.describe()``, the conveyor version and the date,
 because numbers are only comparable with numbers from the same machine and code.
 Reports hold plain JSON values only: an infinite request rate is written as the string "inf".
@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from conveyor.bench.metrics import ratio, summarize, summarize_steps
+from conveyor.bench.metrics import ratio, summarize, summarize_groups, summarize_steps
 from conveyor.bench.offline import RunResult
 
 SCHEMA = "conveyor.bench.report/1"
@@ -54,13 +54,23 @@ def report_meta(mode: str, workload_spec: dict, argv: list[str] | None = None, *
 
 
 def run_entry(run: RunResult, slos: dict[str, float] | None = None) -> dict:
-    """One run's section of the report: summary, batch metrics (or None) and per-request rows."""
+    """One run's section of the report: summary, per-group summaries, batch metrics (or None),
+    engine counters (in-process; else None), cached prompt tokens, and per-request rows."""
     batch = summarize_steps(run.steps)
+    summary = summarize(run.records, slos)
+    groups = summarize_groups(run.records, slos, summary.duration_s)
+    stats = run.engine_stats or {}
+    cached = [r.cached_tokens for r in run.records if r.cached_tokens is not None]
     return {
         "label": run.label, "request_rate": json_rate(run.request_rate), "burstiness": run.burstiness,
         "config": run.config, "wall_s": run.wall_s,
-        "summary": dataclasses.asdict(summarize(run.records, slos)),
+        "summary": dataclasses.asdict(summary),
+        "groups": {key: {value: dataclasses.asdict(s) for value, s in by_value.items()}
+                   for key, by_value in groups.items()},
         "batch": dataclasses.asdict(batch) if batch is not None else None,
+        "prefix_cache": stats.get("prefix_cache"),
+        "preemptions_by_mode": stats.get("preemptions_by_mode"),
+        "cached_tokens": sum(cached) if cached else None,
         "requests": [_request_row(r) for r in run.records],
     }
 
@@ -73,7 +83,8 @@ def _request_row(r) -> dict:
     return {"id": r.request_id, "prompt_len": r.prompt_len, "max_tokens": r.max_tokens,
             "output_len": r.output_len, "arrival_s": r.arrival, "ttft_ms": _ms(r.ttft),
             "tpot_ms": _ms(r.tpot), "e2e_ms": _ms(r.e2e), "num_chunks": len(r.chunk_times),
-            "num_preemptions": r.num_preemptions, "error": r.error or None}
+            "num_preemptions": r.num_preemptions, "tenant": r.tenant, "priority": r.priority,
+            "cached_tokens": r.cached_tokens, "error": r.error or None}
 
 
 def _lookup(entry: dict, path: tuple[str, ...]):
@@ -93,8 +104,13 @@ def add_ratios(entries: list[dict], baseline: str = BASELINE) -> None:
                                        for k, p in RATIO_KEYS}
 
 
-def build_report(meta: dict, entries: list[dict], plots: list[str] | None = None) -> dict:
-    return {"schema": SCHEMA, "meta": meta, "runs": entries, "plots": list(plots or [])}
+def build_report(meta: dict, entries: list[dict], plots: list[str] | None = None,
+                 scenario: dict | None = None) -> dict:
+    """The whole document; ``scenario`` (``conveyor bench scenario`` only) holds its findings."""
+    report = {"schema": SCHEMA, "meta": meta, "runs": entries, "plots": list(plots or [])}
+    if scenario is not None:
+        report["scenario"] = scenario
+    return report
 
 
 def write_json(report: dict, path: str) -> str:
@@ -103,50 +119,3 @@ def write_json(report: dict, path: str) -> str:
         json.dump(report, f, indent=2, allow_nan=False)
         f.write("\n")
     return path
-
-
-def _fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _pair(dist: dict) -> str:
-    return f"{_fmt(dist['p50'], 0)}/{_fmt(dist['p99'], 0)}"
-
-
-_COLUMNS = (
-    ("run", lambda e: e["label"]),
-    ("rate", lambda e: _fmt(e["request_rate"], 2)),
-    ("ok/n", lambda e: f"{e['summary']['completed']}/{e['summary']['num_requests']}"),
-    ("req/s", lambda e: _fmt(e["summary"]["request_throughput"], 2)),
-    ("out tok/s", lambda e: _fmt(e["summary"]["output_throughput"])),
-    ("TTFT p50/p99 ms", lambda e: _pair(e["summary"]["ttft_ms"])),
-    ("ITL p50 ms", lambda e: _fmt(e["summary"]["itl_ms"]["p50"])),
-    ("TPOT p50 ms", lambda e: _fmt(e["summary"]["tpot_ms"]["p50"])),
-    ("E2E p50/p99 ms", lambda e: _pair(e["summary"]["e2e_ms"])),
-    ("goodput", lambda e: _fmt(e["summary"]["goodput"], 2)),
-    ("slot util", lambda e: _fmt((e["batch"] or {}).get("slot_utilization"), 2)),
-    ("pad tok", lambda e: _fmt((e["batch"] or {}).get("padding_tokens"))),
-    ("idle slot-steps", lambda e: _fmt((e["batch"] or {}).get("straggler_slot_steps"))),
-    ("KV", lambda e: _fmt((e["batch"] or {}).get("mean_kv_usage"), 2)),
-    ("x static", lambda e: _fmt((e.get(f"vs_{BASELINE}") or {}).get("output_throughput"), 2)),
-)
-
-
-def format_table(report: dict) -> str:
-    """The console summary: a header block, then one row per run (``x static`` = output tok/s ratio)."""
-    meta = report["meta"]
-    head = [f"conveyor bench {meta['mode']}  ({meta['date']}, conveyor {meta['conveyor_version']})",
-            f"command:  {meta['command']}", f"platform: {meta['platform']}"]
-    rows = [[name for name, _ in _COLUMNS]] + [[get(e) for _, get in _COLUMNS] for e in report["runs"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    slos = next((e["summary"]["slos_ms"] for e in report["runs"] if e["summary"]["slos_ms"]), None)
-    tail = [f"goodput SLOs (ms): {slos}"] if slos else []
-    tail += [f"plot: {p}" for p in report["plots"]]
-    return "\n".join(head + [""] + lines + ([""] + tail if tail else []))

@@ -84,7 +84,7 @@ def run_rates(engine, label: str, config: dict, workload: Workload, rates: list[
     runs = []
     for i, rate in enumerate(rates):
         run = run_offline(engine, workload_at(workload, rate, burstiness, seed), label,
-                          config=_jsonable(config), progress=progress, id_prefix=f"{label}#{i}")
+                          config=jsonable(config), progress=progress, id_prefix=f"{label}#{i}")
         run.request_rate, run.burstiness = rate, None if rate is None else burstiness
         runs.append(run)
     return runs
@@ -105,8 +105,14 @@ def run_variants(make_engine: Callable[[dict], object], base_kwargs: dict, varia
     return runs
 
 
-def _jsonable(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if v is None or isinstance(v, (str, int, float, bool))}
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def jsonable(kwargs: dict) -> dict:
+    """The keyword arguments a report can hold: scalars, and dicts of scalars (tenant weights)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()
+            if _is_scalar(v) or (isinstance(v, dict) and all(map(_is_scalar, v.values())))}
 
 
 def _slug(text: str) -> str:
@@ -121,20 +127,21 @@ def run_name(run: RunResult, many_rates: bool) -> str:
 
 
 def write_outputs(meta: dict, runs: list[RunResult], out_dir: str, slos: dict | None = None,
-                  plots: bool = True) -> dict:
-    """Build the report (with ratios to static when a static run exists), draw the plots into
-    ``out_dir``, write ``out_dir/report.json``; returns the report."""
+                  plots: bool = True, scenario: dict | None = None) -> dict:
+    """Build the report (with ratios to static when a static run exists, and a scenario's
+    findings when given), draw the plots into ``out_dir``, write ``out_dir/report.json``;
+    returns the report. A scenario's runs are side by side, never a rate sweep."""
     os.makedirs(out_dir, exist_ok=True)
     entries = [run_entry(run, slos) for run in runs]
     add_ratios(entries)
-    paths = _draw(runs, entries, out_dir) if plots else []
-    report = build_report(meta, entries, paths)
+    paths = _draw(runs, entries, out_dir, sweep=scenario is None) if plots else []
+    report = build_report(meta, entries, paths, scenario)
     write_json(report, os.path.join(out_dir, "report.json"))
     return report
 
 
-def _draw(runs: list[RunResult], entries: list[dict], out_dir: str) -> list[str]:
-    many_rates = len({r.request_rate for r in runs}) > 1
+def _draw(runs: list[RunResult], entries: list[dict], out_dir: str, sweep: bool = True) -> list[str]:
+    many_rates = sweep and len({r.request_rate for r in runs}) > 1
     title = f"{entries[0]['label']}" if len(runs) == 1 else ""
     paths = [plot_latency_cdfs([(run_name(r, many_rates), r.records) for r in runs],
                                os.path.join(out_dir, "latency_cdf.png"), title)]

@@ -1,13 +1,14 @@
-"""``conveyor bench offline | serve | compare``: measure batching policies on a workload.
+"""``conveyor bench offline | serve | compare | scenario``: measure serving policies on a workload.
 
-Thin: turns flags into a workload, an arrival process and engine keyword arguments, then calls
-``conveyor.bench``. Every run writes ``report.json`` and PNG plots into ``--output-dir`` and prints
+Thin: turns flags into a workload, an arrival process and engine keyword arguments (or a scenario's
+parameters), then calls ``conveyor.bench``. Every run writes ``report.json`` and PNG plots into ``--output-dir`` and prints
 a table. See docs/bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import math
@@ -51,6 +52,32 @@ def add_parser(sub) -> None:
     _add_workload_args(cmp)
     add_engine_args(cmp)
     cmp.set_defaults(func=run_compare_cmd)
+    _add_scenario_parsers(bench_sub)
+
+
+# Scenario runs default to a batch of 16 and a 1024-token context (a small KV cache per engine).
+_SCENARIO_ENGINE_DEFAULTS = {"max_num_seqs": 16, "max_model_len": 1024}
+
+
+def _add_scenario_parsers(bench_sub) -> None:
+    from conveyor.bench.scenario_params import SCENARIO_PARAMS
+    scn = bench_sub.add_parser("scenario", help="seeded experiments, runs side by side in one report")
+    scn_sub = scn.add_subparsers(dest="scenario", required=True)
+    for name, params in SCENARIO_PARAMS.items():
+        p = scn_sub.add_parser(name, help=params.__doc__)
+        g = p.add_argument_group(f"scenario {name}")
+        for f in dataclasses.fields(params):
+            default = "auto" if f.name == "request_rate" and f.default is None else f.default
+            shown = f" (default {default})" if default is not None else ""
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f"scn_{f.name}", default=None,
+                           type=f.metadata.get("type", type(f.default)), metavar=f.name.upper(),
+                           help=f.metadata["help"] + shown)
+        g.add_argument("--workload-seed", type=int, default=0)
+        g.add_argument("--output-dir", default=None, help="default bench-results/scenario-<name>-<date>")
+        g.add_argument("--no-plots", action="store_true")
+        g.add_argument("--no-progress", action="store_true")
+        add_engine_args(p)
+        p.set_defaults(func=run_scenario_cmd, **_SCENARIO_ENGINE_DEFAULTS)
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +159,7 @@ def _out_dir(args, mode: str) -> str:
 
 def _finish(meta: dict, runs, args, mode: str) -> int:
     from conveyor.bench.metrics import parse_slos
-    from conveyor.bench.report import format_table
+    from conveyor.bench.console import format_table
     from conveyor.bench.suite import write_outputs
     out_dir = _out_dir(args, mode)
     report = write_outputs(meta, runs, out_dir, parse_slos(args.goodput), plots=not args.no_plots)
@@ -197,3 +224,20 @@ def run_serve_cmd(args) -> int:
         runs.append(run)
     meta = report_meta("serve", workload.spec, server={k: v for k, v in runs[0].config.items()})
     return _finish(meta, runs, args, "serve")
+
+
+def run_scenario_cmd(args) -> int:
+    from conveyor.bench.report import report_meta
+    from conveyor.bench.scenario_params import SCENARIO_PARAMS, params_from
+    from conveyor.bench.scenarios import ScenarioContext, run_scenario
+    from conveyor.bench.suite import jsonable
+    fields = dataclasses.fields(SCENARIO_PARAMS[args.scenario])
+    params = params_from(args.scenario, {f.name: getattr(args, f"scn_{f.name}") for f in fields})
+    kwargs = _bench_engine_kwargs(args)
+    ctx = ScenarioContext(_engine_factory(args), kwargs, _load_tokenizer(args.model),
+                          args.workload_seed, not args.no_progress)
+    result = run_scenario(args.scenario, ctx, params)
+    meta = report_meta("scenario", result.workload_spec, engine=jsonable(kwargs),
+                       scenario=args.scenario)
+    section = {"name": result.name, "params": result.params, "findings": result.findings}
+    return _finish(meta, result.runs, args, f"scenario-{args.scenario}", section)

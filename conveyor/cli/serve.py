@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-n", type=int, default=8, help="largest accepted n (default: 8)")
     g.add_argument("--request-timeout", type=float, default=None,
                    help="abort requests running longer than this many seconds (default: never)")
+    g.add_argument("--tenant-max-concurrency", type=int, default=None,
+                   help="requests one tenant may have in flight (429 beyond)")
+    g.add_argument("--tenant-max-tokens-per-minute", type=int, default=None,
+                   help="prompt + max_tokens one tenant may admit per minute (429 beyond)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish (default: 30)")
     add_engine_args(p)

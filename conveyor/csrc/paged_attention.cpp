@@ -41,6 +41,7 @@ using torch::headeronly::ScalarType;
 constexpr int kLanes = 16;       // floats per vector (one zmm; two ymm on AVX2)
 constexpr int kKeyTile = 16;     // keys per tile (one vector of scores per row)
 constexpr int kQueryTile = 16;   // query tokens per work item
+constexpr int64_t kWorkPerThread = 4096;   // (query row x key x kv head) units worth a thread
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #ifdef __AVX512F__
 constexpr int kChains = 8;       // independent accumulators in the many-rows score kernel
@@ -82,10 +83,10 @@ INLINE float hmax(vf v) {
   return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
 }
 
-// Sums each of 16 vectors into one lane: out[t] = sum(p[kSlot^-1...]) in four halving steps whose
-// shuffles stay cheap on both AVX-512 and AVX2 (256-bit halves, 128-bit lanes, in-lane pairs).
-// Input slot j must hold the partial sums of key kSlot[j] for lane t to hold key t.
-constexpr int kSlot[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
+// Sums each of 16 vectors into one lane in four halving steps whose shuffles stay cheap on both
+// AVX-512 and AVX2 (256-bit halves, 128-bit lanes, in-lane pairs). Lane t of the result is the
+// sum of input kSlot[t]: the partial sums of key t go to input kSlot[t].
+constexpr int kSlot[16] = {0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15};
 
 INLINE vf transpose_sum(const vf* p) {
   vf a[8], b[4], c[2];
@@ -220,10 +221,11 @@ INLINE vf scores_one_row(const float* q, const float* k, int64_t k_stride) {
   constexpr int ND = D / kLanes;
   vf qv[ND], part[kKeyTile];
   for (int j = 0; j < ND; ++j) qv[j] = load(q + j * kLanes);
-  for (int i = 0; i < kKeyTile; ++i) {
-    const float* kr = k + kSlot[i] * k_stride;
-    part[i] = qv[0] * load(kr);
-    for (int j = 1; j < ND; ++j) part[i] += qv[j] * load(kr + j * kLanes);
+  for (int t = 0; t < kKeyTile; ++t) {   // keys in memory order
+    const float* kr = k + t * k_stride;
+    vf a = qv[0] * load(kr);
+    for (int j = 1; j < ND; ++j) a += qv[j] * load(kr + j * kLanes);
+    part[kSlot[t]] = a;
   }
   return transpose_sum(part);
 }
@@ -399,21 +401,6 @@ void attend_tile(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k, co
   }
 }
 
-// Starts loading the K/V rows of the tile at key0: blocks are scattered, so the hardware
-// prefetcher cannot see the next one coming, and one tile of work hides most of the latency.
-template <typename KV, int D>
-INLINE void prefetch_tile(const Problem& pb, const Tile& tl, const KV* k, const KV* v, int64_t key0) {
-  if (key0 >= tl.kv_len) return;
-  const int bs = pb.block_size, off = int(key0 % bs);
-  const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
-  const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
-  for (int t = 0; t < n; ++t)
-    for (int j = 0; j < tl.nh * D; j += 64 / int(sizeof(KV))) {
-      __builtin_prefetch(k + at + t * pb.tok_stride + j);
-      __builtin_prefetch(v + at + t * pb.tok_stride + j);
-    }
-}
-
 template <typename KV, int D>
 void run_item(const Problem& pb, const Item& it, Scratch& sc) {
   const Tile tl = make_tile(pb, it);
@@ -425,10 +412,6 @@ void run_item(const Problem& pb, const Item& it, Scratch& sc) {
     const int off = int(key0 % bs);
     const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
     const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
-#ifndef PFD
-#define PFD 1
-#endif
-    if (PFD > 0) prefetch_tile<KV, D>(pb, tl, k_heads, v_heads, key0 + n + (PFD - 1) * kKeyTile);
     attend_tile<KV, D>(pb, tl, sc, k_heads + at, v_heads + at, key0, n);
     key0 += n;
   }
@@ -448,6 +431,14 @@ void check_request(const Problem& pb, int64_t req, int64_t num_blocks, int64_t t
     const int64_t block = pb.tables[req * pb.table_stride + b];
     STD_TORCH_CHECK(block >= 0 && block < num_blocks, "request ", req, ": bad block ", block);
   }
+}
+
+// At most `requested` threads, fewer when the call is too small to repay waking them.
+int choose_threads(const Problem& pb, int64_t num_reqs, int64_t requested) {
+  int64_t work = 0;   // (query token x key x kv head) units
+  for (int64_t req = 0; req < num_reqs; ++req)
+    work += (pb.starts[req + 1] - pb.starts[req]) * pb.seq_lens[req] * pb.hkv;
+  return int(std::clamp<int64_t>(work / kWorkPerThread, 1, std::max<int64_t>(requested, 1)));
 }
 
 // Work items, heaviest first so the dynamic schedule ends balanced. Few-row tiles take all kv
@@ -477,7 +468,8 @@ std::vector<Item> make_items(const Problem& pb, int64_t num_reqs, int threads) {
 }
 
 template <typename KV, int D>
-void run_all(const Problem& pb, const std::vector<Item>& items, int threads) {
+void run_all(const Problem& pb, const std::vector<Item>& items, int max_threads) {
+  const int threads = std::min<int>(max_threads, int(items.size()));
   int max_rows = 0, max_nh = 1;
   for (const Item& it : items) {
     const Tile tl = make_tile(pb, it);
@@ -562,12 +554,11 @@ void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tab
   const int64_t num_reqs = seq_lens.numel();
   for (int64_t req = 0; req < num_reqs; ++req)
     check_request(pb, req, kv_cache.size(1), block_tables.size(1));
-  const int threads = int(std::max<int64_t>(num_threads, 1));
+  const int threads = choose_threads(pb, num_reqs, num_threads);
   const std::vector<Item> items = make_items(pb, num_reqs, threads);
   if (items.empty()) return;
-  const int used = std::min(threads, int(items.size()));
-  kv_cache.scalar_type() == ScalarType::BFloat16 ? run_dim<uint16_t>(pb, items, used)
-                                                 : run_dim<float>(pb, items, used);
+  kv_cache.scalar_type() == ScalarType::BFloat16 ? run_dim<uint16_t>(pb, items, threads)
+                                                 : run_dim<float>(pb, items, threads);
 }
 
 }  // namespace conveyor_cpu

@@ -38,6 +38,10 @@ class Snapshot(Protocol):
     num_total_blocks: int
     kv_cache_usage: float
     num_preemptions_total: int
+    num_cached_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    preemptions_by_mode: tuple[tuple[str, int], ...]
 
 
 class _SnapshotCollector(Collector):
@@ -52,12 +56,29 @@ class _SnapshotCollector(Collector):
                   ("num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting),
                   ("kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).",
                    snap.kv_cache_usage),
-                  ("kv_cache_free_blocks", "KV-cache blocks free.", snap.num_free_blocks),
+                  ("kv_cache_free_blocks", "KV-cache blocks free (evictable cached ones included).",
+                   snap.num_free_blocks),
+                  ("kv_cache_cached_free_blocks",
+                   "Free KV-cache blocks still holding a reusable cached prefix (evictable).",
+                   snap.num_cached_free_blocks),
+                  ("kv_cache_live_blocks", "KV-cache blocks held by live requests.",
+                   snap.num_total_blocks - snap.num_free_blocks),
                   ("kv_cache_total_blocks", "KV-cache blocks in all.", snap.num_total_blocks))
         for name, doc, value in gauges:
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Preemptions since start.",
                                   value=snap.num_preemptions_total)
+        by_mode = CounterMetricFamily(PREFIX + "num_preemptions_by_mode",
+                                      "Preemptions since start by mode.", labels=["mode"])
+        for mode, count in snap.preemptions_by_mode:
+            by_mode.add_metric([mode], count)
+        yield by_mode
+        yield CounterMetricFamily(PREFIX + "prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache.",
+                                  value=snap.prefix_cache_queries)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache.",
+                                  value=snap.prefix_cache_hits)
 
 
 class ServingMetrics:

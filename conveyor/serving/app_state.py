@@ -23,6 +23,7 @@ from fastapi import Request
 
 from conveyor.metrics.prometheus import ServingMetrics
 from conveyor.serving.async_engine import AsyncEngine
+from conveyor.serving.tenant_limits import TenantLimiter
 from conveyor.serving.http_errors import ApiError
 from conveyor.serving.protocol import RequestLimits
 
@@ -46,6 +47,8 @@ class ServerConfig:
     max_n: int = 8
     request_timeout: float | None = None
     shutdown_timeout: float = 30.0
+    tenant_max_concurrency: int | None = None
+    tenant_max_tokens_per_minute: int | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +68,11 @@ class AppState:
     draining: bool = False
     tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="conveyor-tokenizer"))
+    tenant_limiter: TenantLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tenant_limiter = TenantLimiter(self.config.tenant_max_concurrency,
+                                            self.config.tenant_max_tokens_per_minute)
 
     def require_engine(self) -> AsyncEngine:
         if self.engine is None:

@@ -52,6 +52,10 @@ class EngineSnapshot:
     num_total_blocks: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
+    num_cached_free_blocks: int = 0      # free blocks still holding a cached prefix (evictable)
+    prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0           # of which found cached
+    preemptions_by_mode: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -260,6 +264,9 @@ class EngineThread:
 
 
 def _take_snapshot(engine: Any) -> EngineSnapshot:
-    scheduler, pool = engine.core.scheduler, engine.core.kv_manager.pool
+    scheduler, kv = engine.core.scheduler, engine.core.kv_manager
+    pool = kv.pool
     return EngineSnapshot(len(scheduler.running), len(scheduler.waiting), pool.num_free_blocks,
-                          pool.num_blocks, pool.usage, scheduler.num_preemptions_total)
+                          pool.num_blocks, pool.usage, scheduler.num_preemptions_total,
+                          pool.num_cached_free_blocks, kv.num_prefix_queries, kv.num_prefix_hits,
+                          tuple(sorted(scheduler.num_preemptions_by_mode.items())))

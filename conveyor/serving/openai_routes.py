@@ -71,9 +71,20 @@ async def _generate(state: AppState, request: Request, req: Any, params: Samplin
     priority, tenant = request_identity(request, req.priority)
     prefix = "chatcmpl" if chat else "cmpl"
     meta = ResponseMeta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat)
-    stream = await state.require_engine().add_request(
-        prompt_ids, params, request_id=meta.id, priority=priority, tenant=tenant)
-    return await _respond(state, request, meta, stream, req.stream, req.include_usage)
+    max_new = params.max_tokens or state.max_model_len - len(prompt_ids)
+    lease = state.tenant_limiter.acquire(tenant, len(prompt_ids) + max_new * params.n)
+    try:
+        stream = await state.require_engine().add_request(
+            prompt_ids, params, request_id=meta.id, priority=priority, tenant=tenant)
+    except BaseException:
+        lease.release()
+        raise
+    if req.stream:          # the event generator releases the lease when it ends
+        return _respond_stream(state, meta, stream, req.include_usage, lease)
+    try:
+        return await _respond(state, request, meta, stream)
+    finally:
+        lease.release()
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -82,12 +93,15 @@ def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def _respond(state: AppState, request: Request, meta: ResponseMeta, stream: RequestStream,
-                   streaming: bool, include_usage: bool) -> Response:
-    if streaming:
-        events = _stream_events(state, meta, stream, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+def _respond_stream(state: AppState, meta: ResponseMeta, stream: RequestStream,
+                    include_usage: bool, lease) -> Response:
+    events = _stream_events(state, meta, stream, include_usage, lease)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _respond(state: AppState, request: Request, meta: ResponseMeta,
+                   stream: RequestStream) -> Response:
     out = await _final_output(stream, request)
     if out is None:
         return Response(status_code=_CLIENT_CLOSED)
@@ -131,7 +145,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _stream_events(state: AppState, meta: ResponseMeta, stream: RequestStream,
-                         include_usage: bool) -> AsyncIterator[str]:
+                         include_usage: bool, lease) -> AsyncIterator[str]:
     """SSE events of one request. Cancellation (client gone) or an early close aborts it."""
     last = None
     try:
@@ -155,4 +169,5 @@ async def _stream_events(state: AppState, meta: ResponseMeta, stream: RequestStr
         yield error_event(err.status, err.message, err.code)
     finally:
         stream.close()
+        lease.release()
     yield sse("[DONE]")

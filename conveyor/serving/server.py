@@ -230,4 +230,5 @@ def server_config_from_args(args) -> ServerConfig:
         raise InvalidRequestError("--shutdown-timeout must not be negative")
     return ServerConfig(args.served_model_name, tuple(args.api_key or ()), args.max_body_bytes,
                         args.max_waiting_requests, args.max_n, args.request_timeout,
-                        args.shutdown_timeout)
+                        args.shutdown_timeout, args.tenant_max_concurrency,
+                        args.tenant_max_tokens_per_minute)
