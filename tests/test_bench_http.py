@@ -13,8 +13,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from conveyor.bench.http_client import ServerError, completion_payload, run_http
+from conveyor.bench.http_client import ServerError, completion_payload, request_headers, run_http
 from conveyor.bench.metrics import summarize
+from conveyor.bench.report import run_entry
 from conveyor.bench.workloads import BenchRequest, Workload
 
 
@@ -32,6 +33,7 @@ def _fake_app(seen: dict) -> FastAPI:
     async def completions(request: Request):
         body = await request.json()
         seen.setdefault("bodies", []).append(body)
+        seen.setdefault("tenants", []).append(request.headers.get("x-tenant"))
         if body["model"] == "fail":
             return JSONResponse({"error": {"message": "no such model"}}, status_code=400)
 
@@ -47,7 +49,8 @@ def _fake_app(seen: dict) -> FastAPI:
                     yield "data: " + json.dumps({"choices": [{"index": 0, "text": f"t{i} "}]}) + "\n\n"
                 yield "data: " + json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}) + "\n\n"
                 if body["model"] != "no-usage" and body.get("stream_options", {}).get("include_usage"):
-                    usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"], "total_tokens": 0}
+                    usage = {"prompt_tokens": 7, "completion_tokens": body["max_tokens"],
+                             "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 4}}
                     yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:
@@ -105,6 +108,28 @@ def test_token_counts_without_usage_count_content_chunks(fake_server):
     run = run_http(url, _workload([4, 2]), model="no-usage", progress=False)
     assert [r.output_len for r in run.records] == [4, 2]   # the empty finish chunk is not a token
     assert [r.prompt_len for r in run.records] == [2, 2]
+    assert [r.cached_tokens for r in run.records] == [None, None]
+    assert run_entry(run)["cached_tokens"] is None
+
+
+def test_tenants_priorities_and_cached_tokens_travel(fake_server):
+    url, seen = fake_server
+    reqs = [BenchRequest(str(i), "hi", 2, 2, tenant=t, priority=p)
+            for i, (t, p) in enumerate([("a", 0), ("b", 1), ("", 0)])]
+    start = len(seen["bodies"])
+    run = run_http(url, Workload("t", reqs), progress=False)
+    bodies = seen["bodies"][start:]
+    assert len(bodies) == 3
+    assert sorted(b.get("priority", 0) for b in bodies) == [0, 0, 1]
+    assert sum("priority" in b for b in bodies) == 1          # left out at priority 0
+    assert sorted(seen["tenants"][start:], key=str) == sorted(["a", "b", None], key=str)
+    assert [(r.tenant, r.priority, r.cached_tokens) for r in run.records] == [
+        ("a", 0, 4), ("b", 1, 4), ("", 0, 4)]
+    entry = run_entry(run)
+    assert entry["cached_tokens"] == 12 and entry["prefix_cache"] is None
+    assert set(entry["groups"]) == {"tenant", "priority"}
+    assert set(entry["groups"]["tenant"]) == {"", "a", "b"}
+    assert entry["groups"]["priority"]["1"]["completed"] == 1
 
 
 def test_errors_are_recorded_not_raised(fake_server):
@@ -141,6 +166,10 @@ def test_payload_shape():
         "model": "m", "prompt": "text", "max_tokens": 9, "temperature": 0.0, "stream": True,
         "stream_options": {"include_usage": True}, "ignore_eos": True}
     assert completion_payload(req, "m", send_token_ids=True)["prompt"] == [4]
+    assert request_headers(req) == {}
+    urgent = BenchRequest("1", "text", 1, 9, priority=-2, tenant="acme")
+    assert completion_payload(urgent, "m")["priority"] == -2
+    assert request_headers(urgent) == {"X-Tenant": "acme"}
 
 
 def test_cli_bench_serve_sweep_writes_a_report(fake_server, tmp_path):

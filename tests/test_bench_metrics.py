@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+from conveyor.bench.console import format_table
 from conveyor.bench.metrics import meets_slos, parse_slos, summarize, summarize_steps
 from conveyor.bench.offline import RunResult
 from conveyor.bench.plots import timeline_segments
 from conveyor.bench.records import RequestRecord, StepSample, assign_slots, samples_from_step_log
-from conveyor.bench.console import format_table
 from conveyor.bench.report import add_ratios, build_report, report_meta, run_entry
 from conveyor.bench.suite import compare_variants, kv_budget_blocks, write_outputs
 from conveyor.bench.workloads import BenchRequest, Workload, WorkloadError

@@ -35,6 +35,7 @@ class FakeEngine:
         self.clock, self.step_s, self.launch_at = clock, step_s, launch_at
         self.running: dict[str, list] = {}
         self.added: list[tuple[str, float, float]] = []     # (id, fake time added, arrival_time)
+        self.groups: dict[str, tuple[int, str]] = {}         # id -> (priority, tenant) as sent
         self.core = SimpleNamespace(step_log=[StepStats(), StepStats()])   # earlier steps (warm-up)
 
     def add_request(self, prompt, params, *, request_id, arrival_time, priority=0, tenant=""):
@@ -42,6 +43,7 @@ class FakeEngine:
             raise InvalidRequestError("prompt + max_tokens exceeds the context length")
         assert params.ignore_eos and params.temperature == 0.0
         self.added.append((request_id, self.clock.now, arrival_time))
+        self.groups[request_id] = (priority, tenant)
         self.running[request_id] = [params.max_tokens, []]
 
     def has_unfinished_requests(self) -> bool:
@@ -107,6 +109,35 @@ def test_rejected_requests_are_recorded_and_the_run_goes_on():
     bad, good = run.records
     assert "context length" in bad.error and not bad.success
     assert good.success and good.output_len == 2
+
+
+def test_groups_are_recorded_and_priorities_can_be_withheld():
+    clock = FakeClock()
+    reqs = [BenchRequest(str(i), [1, 2], 2, 2, priority=p, tenant=t)
+            for i, (p, t) in enumerate([(0, "a"), (1, "b")])]
+    for send, sent in ((True, [0, 1]), (False, [0, 0])):
+        engine = FakeEngine(clock)
+        run = run_offline(engine, Workload("t", reqs), "x", progress=False, clock=clock,
+                          sleep=clock.sleep, send_priority=send)
+        assert [engine.groups[f"x/{i}"] for i in "01"] == list(zip(sent, ["a", "b"]))
+        assert [(r.priority, r.tenant) for r in run.records] == [(0, "a"), (1, "b")]   # the class
+        assert run.engine_stats is None and run.records[0].cached_tokens == 0
+
+
+def test_prefix_cache_counters_on_the_real_engine():
+    """The engine's counters are read where the engine keeps them: a second request sharing a
+    prefix with the first (admitted a step later) hits the cache, and the run's delta says so."""
+    from engine_helpers import prompt, small_engine
+    engine = small_engine()
+    shared = prompt(48, seed=5)
+    reqs = [BenchRequest(str(i), shared + prompt(8, seed=i), 56, 2) for i in range(2)]
+    run = run_offline(engine, Workload("t", reqs), "prefix", progress=False)
+    assert all(r.success for r in run.records)
+    stats = run.engine_stats
+    assert set(stats["preemptions_by_mode"]) >= {"recompute", "swap"}
+    assert stats["prefix_cache"]["queries"] >= 2 * 56
+    cached = sum(r.cached_tokens for r in run.records)
+    assert cached > 0 and stats["prefix_cache"]["hits"] >= cached
 
 
 def test_offline_smoke_on_the_real_engine(tmp_path):

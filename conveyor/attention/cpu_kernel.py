@@ -41,6 +41,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _EXT_NAME = "conveyor_paged_attention"
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]
 _FAILED_MARKER = "build_failed.txt"
+_STALE_LOCK_S = 600.0
 
 
 class KernelUnavailable(RuntimeError):
@@ -61,14 +62,14 @@ def _arch_flags() -> list[str]:
     override = os.environ.get("CONVEYOR_CPU_KERNEL_ARCH")
     if override is not None:
         return override.split()
-    flags = cpu_info().flags
-    for candidate in (["-march=native"], ["-mavx2", "-mfma"]):
-        if candidate == ["-mavx2", "-mfma"] and not {"avx2", "fma"} <= flags:
-            continue
-        probe = subprocess.run([_compiler(), *candidate, "-x", "c++", "-E", "-", "-o", os.devnull],
+    candidates = [["-march=native"]]
+    if {"avx2", "fma"} <= cpu_info().flags:
+        candidates.append(["-mavx2", "-mfma"])
+    for flags in candidates:
+        probe = subprocess.run([_compiler(), *flags, "-x", "c++", "-E", "-", "-o", os.devnull],
                                input=b"", capture_output=True)
         if probe.returncode == 0:
-            return candidate
+            return flags
     return []
 
 
@@ -80,6 +81,17 @@ def build_dir(flags: list[str]) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "conveyor" / "ext" / digest
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    """torch's build lock is a plain file: a build killed midway leaves it behind and every later
+    build would wait on it forever. Builds take well under a minute, so an old one is stale."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _op_registered() -> bool:
@@ -108,6 +120,7 @@ def build_and_load() -> None:
     if marker.exists():
         raise KernelUnavailable(f"an earlier build failed; see {marker} (delete it to retry)")
     directory.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(directory)
     start = time.perf_counter()
     try:
         cpp_extension.load(_EXT_NAME, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],

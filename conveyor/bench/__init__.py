@@ -3,7 +3,11 @@
 - ``workloads`` / ``datasets`` / ``arrivals``: what is sent and when (seeded).
 - ``offline`` (in-process engine) and ``http_client`` (any OpenAI-compatible server): load generators
   producing ``records``.
-- ``metrics``: the arithmetic; ``report`` / ``plots``: JSON, table, PNGs; ``suite``: policy matrices.
+- ``metrics``: the arithmetic (per run and per tenant / priority group); ``report`` / ``console`` /
+  ``plots``: JSON, table, PNGs; ``suite``: policy matrices.
+- ``scenarios`` (with ``scenario_params``, ``scenario_workloads``, ``findings``): seeded
+  experiments (fairness, priority, prefix, preemption), each a few runs side by side.
 
-Drives only public APIs (``LLMEngine`` and its step log, or HTTP); never engine internals.
+Drives only public APIs (``LLMEngine``, its step log and, read-only, its prefix-cache and
+preemption counters; or HTTP); never changes engine state beyond submitting requests.
 """

@@ -71,17 +71,17 @@ def group_rows(entries: list[dict]) -> list[dict]:
 
 
 def engine_line(entry: dict) -> str | None:
-    """``label: prefix cache 640/1200 tok (53.3%); cached prompt tok 600; preemptions recompute 3``,
-    or None when the run has none of these."""
+    """``label: prefix cache 640/1200 tok hit (53.3%); cached prompt tok 600; preemptions
+    recompute 3, swap 1``; parts that are zero or unknown are left out (None when all are)."""
     parts = []
     cache = entry.get("prefix_cache")
-    if cache:
-        rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
-        parts.append(f"prefix cache {cache['hits']}/{cache['queries']} tok ({rate})")
-    if entry.get("cached_tokens") is not None:
+    if cache and cache["queries"]:
+        parts.append(f"prefix cache {cache['hits']}/{cache['queries']} tok hit "
+                     f"({100 * cache['hit_rate']:.1f}%)")
+    if entry.get("cached_tokens"):
         parts.append(f"cached prompt tok {entry['cached_tokens']}")
-    modes = entry.get("preemptions_by_mode")
-    if modes:
+    modes = entry.get("preemptions_by_mode") or {}
+    if any(modes.values()):
         parts.append("preemptions " + ", ".join(f"{m} {n}" for m, n in modes.items()))
     return f"{entry['label']}: " + "; ".join(parts) if parts else None
 

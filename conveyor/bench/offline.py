@@ -105,12 +105,10 @@ def run_offline(engine, workload: Workload, label: str = "offline", config: dict
     bar = tqdm(total=len(pending), desc=label, unit="req", disable=not progress, leave=False)
     t0 = clock()
     while pending or engine.has_unfinished_requests():
-        now = clock() - t0
-        while pending and pending[0].arrival_s <= now:
-            req = pending.popleft()
-            records[req.request_id] = _submit(engine, req, prefix, t0, send_priority)
-            if records[req.request_id].error:
-                bar.update(1)
+        while pending and pending[0].arrival_s <= clock() - t0:
+            rec = _submit(engine, pending.popleft(), prefix, t0, send_priority)
+            records[rec.request_id] = rec
+            bar.update(1 if rec.error else 0)
         wait = math.inf
         if engine.has_unfinished_requests():
             num_logged = len(log) if log is not None else 0

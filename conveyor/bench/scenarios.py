@@ -22,8 +22,8 @@ from conveyor.bench.arrivals import ArrivalProcess, with_arrivals
 from conveyor.bench.findings import (fairness_findings, prefix_findings, preemption_findings,
                                      priority_findings)
 from conveyor.bench.offline import RunResult, run_offline, warm_up
-from conveyor.bench.scenario_params import (FairnessParams, PreemptionParams,
-                                            PrefixParams, PriorityParams)
+from conveyor.bench.scenario_params import (FairnessParams, PreemptionParams, PrefixParams,
+                                            PriorityParams)
 from conveyor.bench.scenario_workloads import (TENANT_B, count_for, priority_workload,
                                                tenant_subset, two_tenant_workload)
 from conveyor.bench.suite import jsonable, kv_budget_blocks
@@ -33,6 +33,9 @@ from conveyor.bench.workloads import (LengthDist, Workload, WorkloadError, share
 
 @dataclass(slots=True)
 class ScenarioResult:
+    """A scenario's runs (in order), what it was asked (params) and made (workload spec), and
+    its findings (``findings``); params and findings hold plain JSON values."""
+
     name: str
     params: dict
     workload_spec: dict
@@ -161,7 +164,12 @@ def run_scenario(name: str, ctx: ScenarioContext, params) -> ScenarioResult:
     if name not in SCENARIOS:
         raise WorkloadError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     result = SCENARIOS[name](ctx, params)
-    result.params = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
-                     for k, v in asdict(params).items()}
-    result.params["seed"] = ctx.seed
+    result.params = dict(_json_values(asdict(params)), seed=ctx.seed)
+    result.findings = _json_values(result.findings)
     return result
+
+
+def _json_values(values: dict) -> dict:
+    """Non-finite floats as strings ("inf"), as everywhere in reports."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()}

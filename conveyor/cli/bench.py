@@ -1,8 +1,8 @@
 """``conveyor bench offline | serve | compare | scenario``: measure serving policies on a workload.
 
-Thin: turns flags into a workload, an arrival process and engine keyword arguments (or a scenario's
-parameters), then calls ``conveyor.bench``. Every run writes ``report.json`` and PNG plots into ``--output-dir`` and prints
-a table. See docs/bench.md.
+Thin: turns flags into a workload, an arrival process and engine keyword arguments (or a
+scenario's parameters), then calls ``conveyor.bench``. Every run writes ``report.json`` and PNG
+plots into ``--output-dir`` and prints a table. See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -157,12 +157,13 @@ def _out_dir(args, mode: str) -> str:
     return args.output_dir or os.path.join("bench-results", f"{mode}-{stamp}")
 
 
-def _finish(meta: dict, runs, args, mode: str) -> int:
-    from conveyor.bench.metrics import parse_slos
+def _finish(meta: dict, runs, args, mode: str, scenario: dict | None = None) -> int:
     from conveyor.bench.console import format_table
+    from conveyor.bench.metrics import parse_slos
     from conveyor.bench.suite import write_outputs
     out_dir = _out_dir(args, mode)
-    report = write_outputs(meta, runs, out_dir, parse_slos(args.goodput), plots=not args.no_plots)
+    report = write_outputs(meta, runs, out_dir, parse_slos(getattr(args, "goodput", None)),
+                           plots=not args.no_plots, scenario=scenario)
     print(format_table(report))
     print(f"report: {os.path.join(out_dir, 'report.json')}")
     return 0

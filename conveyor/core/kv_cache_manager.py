@@ -76,9 +76,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted lookup (not retries of a request that did not fit)."""
+        if self.enable_prefix_caching:
+            self.num_prefix_queries += num_tokens
+            self.num_prefix_hits += num_hit_tokens
 
     def take_computed_blocks(self, request: Request, blocks: list[int]) -> None:
         """Adopt cache hits as the start of the request's table (before ``allocate_slots``)."""

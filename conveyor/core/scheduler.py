@@ -187,6 +187,7 @@ class Scheduler:
             return None
         if not req.first_scheduled_time:
             req.num_cached_tokens = req.num_computed_tokens
+        self.kv.record_prefix_lookup(req.num_tokens, len(hits) * self.kv.block_size)
         return hits + blocks
 
     def _allocate_swapped_in(self, req: Request, budget: int) -> list[int] | None:

@@ -8,18 +8,21 @@
 //   * Work item = (request, tile of <= kQueryTile query tokens, kv heads [h0, h0 + nh)). Its
 //     rows are every query head of those kv groups for every token of the tile, so each K/V tile
 //     is read once and shared by all query heads of its group (GQA).
-//   * Two layouts of the score tile. Few rows (decode): one row's 16 keys along the vector lanes,
+//   * Vectors are 16 floats with AVX-512, else 8 (kLanes); a key tile is one vector of keys.
+//   * Two layouts of the score tile. Few rows (decode): one row's keys along the vector lanes,
 //     and all kv heads in one item, so each block of the cache is read front to back. Many rows
-//     (prefill): 16 rows along the lanes, one kv head per item, one FMA per (key, dim) per row
-//     vector.
-//   * Online (flash-style) softmax in fp32 over key tiles of <= 16 keys inside one block; scores
-//     are in base 2 (queries are pre-scaled by scale * log2(e)). Accumulation is fp32 for fp32
-//     and bf16 inputs alike.
+//     (prefill): kLanes rows along the lanes, one kv head per item, one FMA per (key, dim) per
+//     row vector.
+//   * Online (flash-style) softmax in fp32 over key tiles of <= kLanes keys in one block; scores
+//     are in base 2 (scaled by scale * log2(e)). Accumulation is fp32 for fp32 and bf16 alike:
+//     bf16 K/V are widened to fp32, except that with AVX512-BF16 decode scores multiply bf16
+//     keys in place (vdpbf16ps, exact products, fp32 sums).
 //   * Query i of a request sits at position p = seq_len - q_len + i and sees keys 0..p; nothing
 //     at or past seq_len is read, and the kernel never writes the cache.
 //   * Items run in parallel (OpenMP, dynamic schedule, heaviest first); one thread owns an item
 //     and its output rows, so nothing races.
-//   * Only GCC/Clang vector extensions: the same source builds for AVX-512, AVX2 or plain SSE.
+//   * GCC/Clang vector extensions (plus the one AVX512-BF16 intrinsic, behind its macro): the
+//     same source builds for AVX-512, AVX2 or plain SSE.
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
@@ -30,7 +33,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define CONVEYOR_BF16_DOT 1   // decode scores of bf16 caches straight from the cache (vdpbf16ps)
+#else
+#define CONVEYOR_BF16_DOT 0
+#endif
 
 namespace conveyor_cpu {
 namespace {
@@ -38,54 +49,69 @@ namespace {
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
-constexpr int kLanes = 16;       // floats per vector (one zmm; two ymm on AVX2)
-constexpr int kKeyTile = 16;     // keys per tile (one vector of scores per row)
-constexpr int kQueryTile = 16;   // query tokens per work item
-constexpr int64_t kWorkPerThread = 4096;   // (query row x key x kv head) units worth a thread
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #ifdef __AVX512F__
-constexpr int kChains = 8;       // independent accumulators in the many-rows score kernel
-constexpr int kPvRows = 2;       // rows sharing each V load
+constexpr int kLanes = 16;       // floats per vector: one zmm register
 #else
-constexpr int kChains = 4;       // AVX2 has 16 ymm registers: keep accumulators from spilling
-constexpr int kPvRows = 1;
+constexpr int kLanes = 8;        // one ymm register (AVX2); plain SSE builds use two xmm
 #endif
+constexpr int kKeyTile = kLanes; // keys per tile: one vector of scores per row
+constexpr int kQueryTile = 16;   // query tokens per work item
+constexpr int kChains = 8;       // independent accumulators in the many-rows score kernel
+constexpr int kPvRows = 2;       // query rows sharing each V load
+constexpr int kPrefetchTiles = 2;   // K/V tiles requested ahead of use
+constexpr int64_t kWorkPerThread = 4096;   // (query token x key x kv head) units worth a thread
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint32_t vuu __attribute__((vector_size(64), aligned(2)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vuu __attribute__((vector_size(4 * kLanes), aligned(2)));
+typedef float vq __attribute__((vector_size(16)));
 
 #define INLINE inline __attribute__((always_inline))
 
+// Spelled out: GCC builds a loop-filled vector lane by lane in some callers.
+#ifdef __AVX512F__
 INLINE vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+INLINE vf lane_ids() { return vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+#else
+INLINE vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+INLINE vf lane_ids() { return vf{0, 1, 2, 3, 4, 5, 6, 7}; }
+#endif
 INLINE vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 INLINE void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-INLINE vf lane_ids() { return vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
+// Folds a vector to 4 lanes with `op` (add or max) by halving it.
+template <typename Op>
+INLINE vq fold_to_quad(vf v, Op op) {
+#ifdef __AVX512F__
+  typedef float vh __attribute__((vector_size(32)));
+  vh h = op(vh(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)),
+            vh(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+  return op(vq(__builtin_shufflevector(h, h, 0, 1, 2, 3)),
+            vq(__builtin_shufflevector(h, h, 4, 5, 6, 7)));
+#else
+  return op(vq(__builtin_shufflevector(v, v, 0, 1, 2, 3)),
+            vq(__builtin_shufflevector(v, v, 4, 5, 6, 7)));
+#endif
+}
 
 INLINE float hsum(vf v) {
-  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  vq b = fold_to_quad(v, [](auto x, auto y) { return x + y; });
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 INLINE float hmax(vf v) {
-  vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf8 a = lo > hi ? lo : hi;
-  vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  vf4 b = c > d ? c : d;
+  vq b = fold_to_quad(v, [](auto x, auto y) { return x > y ? x : y; });
   return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
 }
 
-// Sums each of 16 vectors into one lane in four halving steps whose shuffles stay cheap on both
-// AVX-512 and AVX2 (256-bit halves, 128-bit lanes, in-lane pairs). Lane t of the result is the
-// sum of input kSlot[t]: the partial sums of key t go to input kSlot[t].
+// Sums each of kLanes vectors into one lane, halving the width at each step with shuffles that
+// stay cheap (256-bit halves, 128-bit lanes, in-lane pairs). Lane t of the result is the sum of
+// input kSlot[t]: the partial sums of key t go to input kSlot[t].
+#ifdef __AVX512F__
 constexpr int kSlot[16] = {0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15};
 
 INLINE vf transpose_sum(const vf* p) {
@@ -110,6 +136,21 @@ INLINE vf transpose_sum(const vf* p) {
          __builtin_shufflevector(c[0], c[1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15,
                                  29, 31);
 }
+#else
+constexpr int kSlot[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+INLINE vf transpose_sum(const vf* p) {
+  vf a[4], b[2];
+  for (int i = 0; i < 4; ++i)
+    a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(b[0], b[1], 1, 3, 9, 11, 5, 7, 13, 15);
+}
+#endif
 
 // 2^x for x <= 0 (relative error ~1e-7); exactly 0 below -126, which covers -inf.
 INLINE vf exp2v(vf x) {
@@ -128,7 +169,12 @@ INLINE vf exp2v(vf x) {
   return x < -126.0f ? splat(0.0f) : r;
 }
 
-INLINE float to_float(uint16_t h) { uint32_t b = uint32_t(h) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+INLINE float to_float(uint16_t h) {
+  const uint32_t b = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
 INLINE float to_float(float f) { return f; }
 INLINE void from_float(float f, float* dst) { *dst = f; }
 INLINE void from_float(float f, uint16_t* dst) {   // round to nearest even, NaN stays NaN
@@ -170,19 +216,24 @@ struct Tile {
 // Per-thread buffers, sized for the largest item.
 struct Scratch {
   std::vector<float> q, acc, s, kbuf, vbuf, m, l, corr, qpos;
+  std::vector<uint16_t> q_bf16;    // unscaled bf16 queries in natural order (CONVEYOR_BF16_DOT)
   Scratch(int rows_pad, int row_width, int d)
       : q(size_t(rows_pad) * d), acc(size_t(rows_pad) * d), s(size_t(rows_pad) * kKeyTile),
         kbuf(size_t(kKeyTile) * row_width), vbuf(size_t(kKeyTile) * row_width), m(rows_pad),
-        l(rows_pad), corr(rows_pad), qpos(rows_pad) {}
+        l(rows_pad), corr(rows_pad), qpos(rows_pad), q_bf16(size_t(rows_pad) * d) {}
 };
 
-struct Rows {                      // 16 K or V rows in fp32, `stride` floats apart
+// Whether decode tiles of this cache type score bf16 keys in place instead of widening them.
+template <typename KV>
+constexpr bool kDotsBf16 = CONVEYOR_BF16_DOT && std::is_same_v<KV, uint16_t>;
+
+struct Rows {                      // kKeyTile K or V rows in fp32, `stride` floats apart
   const float* p;
   int64_t stride;
 };
 
-// n rows of `width` floats from the cache as 16 fp32 rows (zeros after n); fp32 is read in place
-// when no padding is needed, bf16 is widened into buf.
+// n rows of `width` floats from the cache as kKeyTile fp32 rows (zeros after n): fp32 is read in
+// place when no padding is needed, bf16 is widened into buf.
 INLINE Rows stage(const float* src, int64_t stride, int n, int width, float* buf) {
   if (n == kKeyTile) return {src, stride};
   for (int t = 0; t < kKeyTile; ++t)
@@ -191,8 +242,8 @@ INLINE Rows stage(const float* src, int64_t stride, int n, int width, float* buf
   return {buf, width};
 }
 
-// bf16 rows are widened 32 elements at a time without lane shuffles: the even elements land in
-// the first 16 floats, the odd ones in the next 16. Queries are permuted alike (kv_dim), so dot
+// bf16 rows are widened 2 * kLanes elements at a time without lane shuffles: the even elements
+// land in one vector, the odd ones in the next. Queries are permuted alike (kv_dim), so dot
 // products are unchanged, and the output undoes it.
 INLINE Rows stage(const uint16_t* src, int64_t stride, int n, int width, float* buf) {
   const vu high = vu{} + 0xffff0000u;
@@ -214,7 +265,7 @@ INLINE int kv_dim(int c) {
   return c - in_chunk + 2 * (in_chunk % kLanes) + in_chunk / kLanes;
 }
 
-// ---- few rows (decode): one row's scores along the lanes, s[r * 16 + t] ----
+// ---- few rows (decode): one row's scores along the lanes, s[r * kKeyTile + t] ----
 
 template <int D>
 INLINE vf scores_one_row(const float* q, const float* k, int64_t k_stride) {
@@ -230,9 +281,29 @@ INLINE vf scores_one_row(const float* q, const float* k, int64_t k_stride) {
   return transpose_sum(part);
 }
 
-// Scores and online-softmax step of every row; leaves probabilities in s, rescale in corr.
+#if CONVEYOR_BF16_DOT
+// The same for bf16 keys read in place, n of them: 32 products per instruction, exact in fp32.
 template <int D>
-void softmax_keys_in_lanes(const Tile& tl, int group, Rows k, int64_t key0, int n, Scratch& sc) {
+INLINE vf scores_one_row_bf16(const uint16_t* q, const uint16_t* k, int64_t k_stride, int n) {
+  constexpr int NC = D / 32;
+  __m512bh qv[NC];
+  vf part[kKeyTile];
+  for (int j = 0; j < NC; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
+  for (int t = 0; t < kKeyTile; ++t) {   // rows past n may lie outside the block: not read
+    __m512 a = _mm512_setzero_ps();
+    for (int j = 0; j < NC && t < n; ++j)
+      a = _mm512_dpbf16_ps(a, qv[j], (__m512bh)_mm512_loadu_si512(k + t * k_stride + 32 * j));
+    part[kSlot[t]] = (vf)a;
+  }
+  return transpose_sum(part);
+}
+#endif
+
+// Scores and online-softmax step of every row; leaves probabilities in s, rescale in corr.
+// score(r, head) gives row r's scaled scores against the tile's keys of that kv head.
+template <typename Score>
+void softmax_keys_in_lanes(const Tile& tl, int group, const Score& score, int64_t key0, int n,
+                           Scratch& sc) {
   const int per_token = tl.nh * group;
   for (int r = 0; r < tl.rows; ++r) {
     const int64_t visible = std::min<int64_t>(n, tl.pos0 + r / per_token - key0 + 1);
@@ -242,8 +313,7 @@ void softmax_keys_in_lanes(const Tile& tl, int group, Rows k, int64_t key0, int 
       sc.corr[r] = 1.0f;
       continue;
     }
-    const float* kh = k.p + (r % per_token) / group * D;
-    vf sv = scores_one_row<D>(sc.q.data() + r * D, kh, k.stride);
+    vf sv = score(r, (r % per_token) / group);
     sv = lane_ids() < float(visible) ? sv : splat(kNegInf);
     const float m_old = sc.m[r], m_new = std::max(m_old, hmax(sv));
     const float c = m_new == m_old ? 1.0f : exp2v(splat(m_old - m_new))[0];
@@ -255,7 +325,7 @@ void softmax_keys_in_lanes(const Tile& tl, int group, Rows k, int64_t key0, int 
   }
 }
 
-// ---- many rows (prefill): one key's scores along the lanes, st[t * rows_pad + r] ----
+// ---- many rows (prefill): one key's scores along the lanes, s[t * rows_pad + r] ----
 
 template <int D>
 void scores_rows_in_lanes(const float* qt, int rows_pad, Rows k, float* st) {
@@ -303,7 +373,7 @@ template <int D, int NR>
 INLINE void accumulate_rows(float* acc, const float* p, int64_t p_row, int64_t p_key,
                             const float* corr, const float* v, int64_t v_stride, int n) {
   constexpr int ND = D / kLanes, CH = ND < 4 ? ND : 4;
-  static_assert(ND % CH == 0 || ND < 4, "head_dim must be a multiple of 64 or below 64");
+  static_assert(ND % CH == 0, "head_dim / kLanes must be below 4 or a multiple of 4");
   for (int j0 = 0; j0 < ND; j0 += CH) {
     vf a[NR][CH];
     for (int r = 0; r < NR; ++r)
@@ -348,6 +418,8 @@ void load_queries(const Problem& pb, const Tile& tl, Scratch& sc) {
       float x = real ? to_float(src[kv_dim<KV>(d)]) * pb.scale_log2 : 0.0f;
       sc.q[tl.rows_in_lanes ? size_t(d) * rp + r : size_t(r) * D + d] = x;
     }
+    if (kDotsBf16<KV> && !tl.rows_in_lanes)
+      for (int d = 0; d < D; ++d) from_float(to_float(src[d]), &sc.q_bf16[size_t(r) * D + d]);
     sc.qpos[r] = real ? float(r / per_token) : 3.0e38f;   // padding rows are never masked
     sc.m[r] = kNegInf;
     sc.l[r] = 0.0f;
@@ -365,6 +437,26 @@ void store_output(const Problem& pb, const Tile& tl, const Scratch& sc) {
     const float inv = 1.0f / sc.l[r];
     for (int d = 0; d < D; ++d) from_float(sc.acc[size_t(r) * D + d] * inv, dst + kv_dim<KV>(d));
   }
+}
+
+template <typename KV, int D>
+void score_keys_in_lanes(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k,
+                         int64_t key0, int n) {
+#if CONVEYOR_BF16_DOT
+  if constexpr (kDotsBf16<KV>) {
+    const vf scale = splat(pb.scale_log2);
+    auto score = [&](int r, int head) {
+      return scores_one_row_bf16<D>(sc.q_bf16.data() + r * D, k + head * D, pb.tok_stride, n) *
+             scale;
+    };
+    return softmax_keys_in_lanes(tl, pb.group, score, key0, n, sc);
+  }
+#endif
+  const Rows kr = stage(k, pb.tok_stride, n, tl.nh * D, sc.kbuf.data());
+  auto score = [&](int r, int head) {
+    return scores_one_row<D>(sc.q.data() + r * D, kr.p + head * D, kr.stride);
+  };
+  softmax_keys_in_lanes(tl, pb.group, score, key0, n, sc);
 }
 
 Tile make_tile(const Problem& pb, const Item& it) {
@@ -386,19 +478,36 @@ Tile make_tile(const Problem& pb, const Item& it) {
 template <typename KV, int D>
 void attend_tile(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k, const KV* v,
                  int64_t key0, int n) {
-  const Rows kr = stage(k, pb.tok_stride, n, tl.nh * D, sc.kbuf.data());
   const Rows vr = stage(v, pb.tok_stride, n, tl.nh * D, sc.vbuf.data());
   if (tl.rows_in_lanes) {
+    const Rows kr = stage(k, pb.tok_stride, n, tl.nh * D, sc.kbuf.data());
     scores_rows_in_lanes<D>(sc.q.data(), tl.rows_pad, kr, sc.s.data());
     softmax_rows_in_lanes(tl, key0, n, sc);
     accumulate_pv<D>(sc, 0, tl.rows, 1, tl.rows_pad, vr.p, vr.stride, n);
     return;
   }
-  softmax_keys_in_lanes<D>(tl, pb.group, kr, key0, n, sc);
+  score_keys_in_lanes<KV, D>(pb, tl, sc, k, key0, n);
   for (int r0 = 0; r0 < tl.rows; r0 += pb.group) {   // one kv head's query rows at a time
     const int head = (r0 / pb.group) % tl.nh;
     accumulate_pv<D>(sc, r0, r0 + pb.group, kKeyTile, 1, vr.p + head * D, vr.stride, n);
   }
+}
+
+// Asks for the K/V rows of the tile starting at key0 to be brought into L2. Blocks are scattered,
+// so the hardware prefetcher cannot follow them; kPrefetchTiles tiles of work hide the latency.
+template <typename KV, int D>
+INLINE void prefetch_tile(const Problem& pb, const Tile& tl, const KV* k, const KV* v,
+                          int64_t key0) {
+  if (key0 >= tl.kv_len) return;
+  const int bs = pb.block_size, off = int(key0 % bs);
+  const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
+  const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
+  constexpr int kLine = 64 / int(sizeof(KV));
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < tl.nh * D; j += kLine) {
+      __builtin_prefetch(k + at + t * pb.tok_stride + j, 0, 1);
+      __builtin_prefetch(v + at + t * pb.tok_stride + j, 0, 1);
+    }
 }
 
 template <typename KV, int D>
@@ -412,6 +521,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& sc) {
     const int off = int(key0 % bs);
     const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
     const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
+    prefetch_tile<KV, D>(pb, tl, k_heads, v_heads, key0 + n + (kPrefetchTiles - 1) * kKeyTile);
     attend_tile<KV, D>(pb, tl, sc, k_heads + at, v_heads + at, key0, n);
     key0 += n;
   }
