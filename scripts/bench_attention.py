@@ -4,9 +4,14 @@ Cases: decode batches (1, 8, 32, 64 rows, contexts drawn from 300..700), one fre
 prefill, and a mixed step (a 512-token chunk after 512 cached tokens, plus 32 decode rows).
 Backends run round-robin inside each repeat, so machine noise hits all of them alike; the table
 holds medians. Each call gets the next of several KV caches (like successive layers), so K/V
-come from memory rather than a warm cache, as in a real forward pass.
+come from memory rather than a warm cache, as in a real forward pass. "cpu K/V GB/s" is the
+bytes of K/V the step must read once over the cpu backend's time: the figure to hold against
+memory bandwidth for decode rows (prefill is compute-bound).
 
     python scripts/bench_attention.py [--repeats 15] [--threads N] [--backends reference,sdpa,cpu]
+
+On a machine whose cores are shared with other work, run with OMP_WAIT_POLICY=passive (or
+--threads 1): spinning OpenMP threads that lose their core stall every parallel op, torch's too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 import torch
 
+from conveyor.attention import cpu_kernel
 from conveyor.attention.backend import AttentionMetadata, make_attention
 from conveyor.platform import describe
 
@@ -94,6 +100,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     backends = args.backends.split(",")
     print(describe())
+    if "cpu" in backends:
+        start = time.perf_counter()
+        ready = cpu_kernel.is_available()
+        print(f"cpu kernel {'ready' if ready else 'UNAVAILABLE (cpu = sdpa fallback)'} "
+              f"in {time.perf_counter() - start:.1f}s (build or cache load)")
     print("| case | dtype | " + " | ".join(f"{b} ms" for b in backends)
           + " | sdpa/cpu | cpu K/V GB/s |")
     print("|---" * (len(backends) + 4) + "|")

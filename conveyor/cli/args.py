@@ -47,7 +47,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tenant-weight", action="append", default=[], metavar="TENANT=WEIGHT",
                    help="weight of a tenant under --fair-scheduling (repeatable; default 1)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "reference"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "sdpa", "reference"],
+                   help="auto: the C++ paged kernel on CPU where it builds, else sdpa")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

@@ -50,7 +50,7 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
 class LLMEngine:
     """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "sdpa",
+    def __init__(self, config: EngineConfig, attention_backend: str = "auto",
                  record_steps: bool = False):
         self.config = config
         mc = config.model
@@ -59,6 +59,10 @@ class LLMEngine:
         self.dtype = platform.resolve_dtype(mc.dtype, self.device)
         torch.manual_seed(mc.seed)
         self.tokenizer = load_tokenizer(self.model_path)
+        if attention_backend == "auto":
+            from conveyor.attention.select import default_backend
+            attention_backend = default_backend(self.device)
+        self.attention_backend = attention_backend
         self.model = build_model(self.model_path, self.dtype, self.device, attention_backend)
         arch = self.model.config
         self.eos_token_ids = self.tokenizer.eos_token_ids | arch.eos_token_ids
@@ -76,15 +80,16 @@ class LLMEngine:
                                and config.scheduler.batching == "continuous", swap=swap)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self._ids = itertools.count()
-        logger.info("model %s (%s) on %s, dtype %s; %s", self.model_path, arch.architecture,
-                    self.device, self.dtype, platform.describe(self.device))
+        logger.info("model %s (%s) on %s, dtype %s, attention %s; %s", self.model_path,
+                    arch.architecture, self.device, self.dtype, attention_backend,
+                    platform.describe(self.device))
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; "
                     "max_num_seqs %d; max_num_batched_tokens %d", num_blocks, bs, num_blocks * bs,
                     self.max_model_len, config.scheduler.max_num_seqs,
                     config.scheduler.max_num_batched_tokens)
 
     @classmethod
-    def from_kwargs(cls, attention_backend: str = "sdpa", record_steps: bool = False,
+    def from_kwargs(cls, attention_backend: str = "auto", record_steps: bool = False,
                     **kwargs) -> "LLMEngine":
         return cls(engine_config_from_kwargs(**kwargs), attention_backend, record_steps)
 

@@ -22,7 +22,7 @@ class LLM:
     num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed.
     """
 
-    def __init__(self, model: str | None = None, *, attention_backend: str = "sdpa", **kwargs):
+    def __init__(self, model: str | None = None, *, attention_backend: str = "auto", **kwargs):
         self.engine = LLMEngine.from_kwargs(attention_backend=attention_backend, model=model, **kwargs)
 
     def get_tokenizer(self):
