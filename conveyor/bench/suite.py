@@ -41,6 +41,9 @@ def kv_budget_blocks(workload: Workload, num_requests: int, block_size: int) -> 
     return num_requests * -(-workload.max_request_tokens // block_size)
 
 
+PAIR_MAX_NUM_SEQS = 64
+
+
 def compare_variants(max_num_seqs: int, budget_blocks: int, roomy_blocks: int | None,
                      batch_timeout_s: float | None = None,
                      only: list[str] | None = None) -> list[Variant]:
@@ -48,12 +51,14 @@ def compare_variants(max_num_seqs: int, budget_blocks: int, roomy_blocks: int | 
 
     no-batching = continuous with one slot; static / dynamic / continuous with ``roomy_blocks``
     (None: the engine's default sizing) so KV memory does not limit them; then continuous with
-    reservation-style versus paged KV allocation in the same ``budget_blocks``.
+    reservation-style versus paged KV allocation in the same ``budget_blocks``, with slots to
+    spare (``PAIR_MAX_NUM_SEQS``) so that memory, not the slot count, limits how many run.
     """
     seqs = {"max_num_seqs": max_num_seqs}
     roomy = {} if roomy_blocks is None else {"num_blocks": roomy_blocks, "kv_cache_bytes": None}
     timeout = {} if batch_timeout_s is None else {"batch_timeout_s": batch_timeout_s}
-    budget = {**seqs, "batching": "continuous", "num_blocks": budget_blocks, "kv_cache_bytes": None}
+    budget = {"max_num_seqs": max(PAIR_MAX_NUM_SEQS, max_num_seqs), "batching": "continuous",
+              "num_blocks": budget_blocks, "kv_cache_bytes": None}
     variants = [
         Variant("no-batching", {**roomy, "batching": "continuous", "max_num_seqs": 1}),
         Variant("static", {**seqs, **roomy, **timeout, "batching": "static"}),

@@ -9,7 +9,8 @@ scheduler computes for a tenant advances that tenant's virtual time by ``1 / wei
 next request comes from the tenant with the least virtual time. A tenant that sends ten times
 more requests gets its weighted share of the budget, not ten times the capacity. A tenant that
 (re)appears starts at the smallest virtual time among tenants with waiting work, so idling
-banks no credit. With ``fair=False`` every request is in one queue (FCFS / priority only).
+banks no credit (on a tie the tenant with the shorter backlog goes first). With ``fair=False``
+every request is in one queue (FCFS / priority only).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class RequestQueue:
         for tenant, heap in self._heaps.items():
             if heap:
                 head = heap[0]
-                key = (self._vtime.get(tenant, 0.0), head[0], head[1], head[2])
+                # Equal virtual time (a tenant just (re)appeared at the floor): the shorter
+                # backlog goes first, so a light tenant is not queued behind a heavy one.
+                key = (self._vtime.get(tenant, 0.0), len(heap), head[0], head[1], head[2])
                 if best_key is None or key < best_key:
                     best, best_key = tenant, key
         return best

@@ -149,15 +149,14 @@ class Scheduler:
             req = self.waiting.peek()
             blocks = self._allocate_with_prefix_cache(req, budget) if self._free_slots else None
             if blocks is None:
-                victim = self.running[-1] if self.running else None
-                if victim is None or victim.priority <= req.priority:
+                victim = self._admission_victim(req)
+                if victim is None:
                     break
-                # A strictly higher-priority arrival takes the lowest-priority running slot.
                 budget += num_scheduled.pop(victim.request_id, 0)
                 new_blocks.pop(victim.request_id, None)
                 if victim in admitted:
                     admitted.remove(victim)
-                self.running.pop()
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 continue
@@ -169,6 +168,33 @@ class Scheduler:
             new_blocks[req.request_id] = blocks
             budget -= n
         return admitted
+
+    def _admission_victim(self, req: Request) -> Request | None:
+        """Who makes room for a waiting request that found no slot or blocks, if anyone.
+
+        A strictly higher-priority arrival takes the lowest-priority running request's place.
+        Under fair scheduling, a tenant below its weighted share of the batch slots takes the
+        newest request of the tenant furthest above its share.
+        """
+        lowest = self.running[-1] if self.running else None
+        if lowest is not None and lowest.priority > req.priority:
+            return lowest
+        if not self.waiting.fair or not self.running:
+            return None
+        counts: dict[str, int] = {}
+        for r in self.running:
+            counts[r.tenant] = counts.get(r.tenant, 0) + 1
+        weights = self.config.tenant_weights_dict
+        total = sum(weights.get(t, 1.0) for t in set(counts) | {req.tenant})
+        share = lambda t: self.config.max_num_seqs * weights.get(t, 1.0) / total  # noqa: E731
+        if counts.get(req.tenant, 0) + 1 > share(req.tenant):
+            return None
+        over = {t: c - share(t) for t, c in counts.items() if c - 1 >= share(t) and t != req.tenant}
+        if not over:
+            return None
+        tenant = max(over, key=over.get)
+        return next((r for r in reversed(self.running)
+                     if r.tenant == tenant and r.priority >= req.priority), None)
 
     def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
         """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
