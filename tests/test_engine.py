@@ -78,10 +78,13 @@ def test_stop_string_spanning_two_tokens_is_found_and_trimmed(tiny_llama_dir):
     rid = engine.add_request(PROMPTS[0], base)
     full = run_engine(engine)[rid].outputs[0]
     pieces = [tok.decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    # last character of token k's text + first character of token k+1's: spans the boundary,
+    # and must not occur earlier in the text
+    span = lambda i: pieces[i + 1][len(pieces[i]) - 1:len(pieces[i]) + 1]  # noqa: E731
     k = next(i for i in range(3, len(pieces) - 1)
-             if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 2)
-    stop = pieces[i + 1][len(pieces[i]) - 1:len(pieces[i]) + 1] if (i := k) else None
-    assert stop and stop not in pieces[k - 1]
+             if len(pieces[i]) - len(pieces[i - 1]) >= 1 and len(pieces[i + 1]) - len(pieces[i]) >= 1
+             and len(span(i)) == 2 and span(i) not in pieces[i])
+    stop = span(k)
     rid = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                                                           stop=[stop]))
     out = run_engine(engine)[rid].outputs[0]
