@@ -75,10 +75,6 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
-    @property
-    def top_k_or_none(self) -> int | None:
-        return self.top_k if self.top_k > 0 else None
-
 
 def _check_number(name, value, types, lo=None, lo_open=False, hi=None) -> None:
     if isinstance(value, bool) or not isinstance(value, types):

@@ -26,6 +26,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}          # prefix hash -> block holding that content
+        self._num_cached_free = 0                    # free blocks carrying a hash (kept in step)
         self.num_evictions = 0
 
     @property
@@ -35,8 +36,8 @@ class BlockPool:
 
     @property
     def num_cached_free_blocks(self) -> int:
-        """Free blocks that still hold a cached prefix (evictable)."""
-        return sum(1 for i in self._free if self._hash_of[i] is not None)
+        """Free blocks that still hold a cached prefix (evictable). O(1): read every step."""
+        return self._num_cached_free
 
     @property
     def usage(self) -> float:
@@ -61,6 +62,7 @@ class BlockPool:
     def _evict(self, i: int) -> None:
         h = self._hash_of[i]
         if h is not None:
+            self._num_cached_free -= 1               # only ever called on a block leaving free
             self._hash_of[i] = None
             if self._cached.get(h) == i:
                 del self._cached[h]
@@ -76,6 +78,8 @@ class BlockPool:
             self._ref_counts[i] = count - 1
             if count == 1:
                 self._free[i] = None
+                if self._hash_of[i] is not None:
+                    self._num_cached_free += 1
 
     # ------------------------------------------------------------------ prefix cache
     def lookup(self, block_hash: bytes) -> int | None:
@@ -86,6 +90,8 @@ class BlockPool:
         for i in block_ids:
             if self._ref_counts[i] == 0:
                 del self._free[i]
+                if self._hash_of[i] is not None:
+                    self._num_cached_free -= 1
             self._ref_counts[i] += 1
 
     def cache_block(self, block_id: int, block_hash: bytes) -> None:
@@ -107,3 +113,5 @@ class BlockPool:
         for h, i in self._cached.items():
             if self._hash_of[i] != h:
                 raise AssertionError(f"cached hash of block {i} is stale")
+        if self._num_cached_free != sum(1 for i in self._free if self._hash_of[i] is not None):
+            raise AssertionError("cached-free block count drifted")

@@ -89,10 +89,6 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def _free(self, req: Request) -> None:
         """A finished request leaves: blocks back to the pool, slot released, runner told."""
         self.kv.free(req)

@@ -6,6 +6,7 @@ or one per prompt; outputs come back in prompt order; a progress bar for many pr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -60,7 +61,11 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not show_progress)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            steps = self.engine.core.num_steps
+            outputs = self.engine.step()
+            if self.engine.core.num_steps == steps:
+                time.sleep(0.001)       # nothing ran: a static/dynamic batch waits to launch
+            for out in outputs:
                 if out.finished:
                     final[out.request_id] = out
                     bar.update(1)
