@@ -1,7 +1,9 @@
 """The "cpu" attention backend: a C++ paged-attention kernel built on first use.
 
-Owns building and loading ``conveyor/csrc/paged_attention.cpp`` (the op
-``torch.ops.conveyor_cpu.paged_attention``) and ``CpuAttention``, the backend that calls it.
+Owns building and loading the C++ extension (``conveyor/csrc/paged_attention.cpp``: the op
+``torch.ops.conveyor_cpu.paged_attention``; ``conveyor/csrc/fused_ops.cpp``: RMSNorm, fused
+residual-add + RMSNorm, RoPE and KV write, used by ``conveyor.models.fused``) and
+``CpuAttention``, the attention backend that calls it.
 
 Invariants:
 - Importing this module compiles nothing; the first ``KernelLoader.available()`` builds (once
@@ -35,7 +37,8 @@ from conveyor.platform import cpu_info
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp")   # one extension, one op namespace
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)          # the C++ switch in run_dim
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _EXT_NAME = "conveyor_paged_attention"
@@ -76,7 +79,7 @@ def _arch_flags() -> list[str]:
 def build_dir(flags: list[str]) -> Path:
     """Cache directory of the build for this source, toolchain, flags and CPU."""
     version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True).stdout
-    key = "\n".join([SOURCE.read_text(), version, " ".join(flags),
+    key = "\n".join([*(src.read_text() for src in SOURCES), version, " ".join(flags),
                      " ".join(sorted(cpu_info().flags)), torch.__version__, sys.version])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -123,7 +126,7 @@ def build_and_load() -> None:
     _clear_stale_lock(directory)
     start = time.perf_counter()
     try:
-        cpp_extension.load(_EXT_NAME, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(_EXT_NAME, [str(src) for src in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:   # compiler/linker errors arrive as several exception types
         marker.write_text(f"{type(exc).__name__}: {exc}\n")
@@ -202,6 +205,23 @@ class CpuAttention:
             out, q, kv_cache, _as_index(md.block_tables), _as_index(md.query_start_loc),
             _as_index(md.seq_lens), self.scale, torch.get_num_threads())
         return out
+
+    def forward_qkv(self, qkv: torch.Tensor, kv_cache: torch.Tensor,
+                    md: AttentionMetadata) -> torch.Tensor:
+        """Attention straight from fused qkv rows ``[T, (Hq + 2 Hkv) D]`` (RoPE already applied):
+        one op writes their k/v heads to the cache, the kernel reads q as a strided view."""
+        t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        torch.ops.conveyor_cpu.write_kv(kv_cache, qkv, md.slot_mapping, hq, hkv)
+        q = qkv[:, :hq * d].view(t, hq, d)
+        out = torch.empty((t, hq, d), dtype=qkv.dtype)
+        torch.ops.conveyor_cpu.paged_attention(
+            out, q, kv_cache, _as_index(md.block_tables), _as_index(md.query_start_loc),
+            _as_index(md.seq_lens), self.scale, torch.get_num_threads())
+        return out
+
+    def takes(self, qkv: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether ``forward_qkv`` can run on these tensors (else use ``forward``)."""
+        return self._takes(qkv, kv_cache) and qkv.dtype == kv_cache.dtype and qkv.stride(-1) == 1
 
     @staticmethod
     def _takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -56,8 +56,8 @@ async def fetch_model_name(client: httpx.AsyncClient) -> str:
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
     except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as e:
-        raise ServerError(f"could not read the model name from {client.base_url}v1/models ({e}); "
-                          "pass --model NAME") from e
+        url = f"{str(client.base_url).rstrip('/')}/v1/models"
+        raise ServerError(f"could not read the model name from {url} ({e}); pass --model NAME") from e
 
 
 async def _stream_one(client: httpx.AsyncClient, payload: dict, headers: dict, rec: RequestRecord,

@@ -404,6 +404,60 @@ void accumulate_pv(Scratch& sc, int r0, int r1, int64_t p_row, int64_t p_key, co
                           sc.corr.data() + r, v, v_stride, n);
 }
 
+#if CONVEYOR_BF16_DOT
+// Decode tiles of bf16 caches multiply probabilities by V in bf16 too (vdpbf16ps, fp32 sums):
+// the probabilities of keys t and t + 1 are rounded to bf16 and paired, V rows t and t + 1 are
+// interleaved in place (unpacklo/hi), so no widened copy of V is made. The accumulator of a
+// 32-dim chunk then holds head dim pv_dim(column) (the unpack order), undone in store_output.
+INLINE int pv_dim(int c) {
+  const int in = c % 32, j = in % 16;
+  return c - in + 8 * (j / 4) + (in >= 16 ? 4 : 0) + j % 4;
+}
+
+template <int D, int NR>
+INLINE void pv_rows_bf16(float* acc, const float* p, const float* corr, const uint16_t* v,
+                         int64_t v_stride, int n) {
+  constexpr int NC = D / 32;
+  __m512 a[NR][2 * NC];
+  uint32_t pairs[NR][kKeyTile / 2];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    for (int j = 0; j < 2 * NC; ++j) a[r][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * j), c);
+    // p past n is 0 (masked scores), so an odd tail pairs its last key with a zero weight
+    const __m256bh pb = _mm512_cvtneps_pbh(_mm512_loadu_ps(p + r * kKeyTile));
+    std::memcpy(pairs[r], &pb, sizeof(pairs[r]));
+  }
+  for (int t = 0; t < n; t += 2) {
+    const uint16_t* va = v + t * v_stride;
+    for (int c = 0; c < NC; ++c) {
+      const __m512i x = _mm512_loadu_si512(va + 32 * c);
+      const __m512i y = t + 1 < n ? _mm512_loadu_si512(va + v_stride + 32 * c) : _mm512_setzero_si512();
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(x, y);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pairs[r][t / 2]));
+        a[r][2 * c] = _mm512_dpbf16_ps(a[r][2 * c], lo, w);
+        a[r][2 * c + 1] = _mm512_dpbf16_ps(a[r][2 * c + 1], hi, w);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < 2 * NC; ++j) _mm512_storeu_ps(acc + r * D + 16 * j, a[r][j]);
+}
+
+// Rows [r0, r1) of a decode tile (one kv head's query rows), keys-in-lanes probabilities.
+template <int D>
+void accumulate_pv_bf16(Scratch& sc, int r0, int r1, const uint16_t* v, int64_t v_stride, int n) {
+  int r = r0;
+  for (; r + 3 <= r1; r += 3)
+    pv_rows_bf16<D, 3>(sc.acc.data() + r * D, sc.s.data() + r * kKeyTile, sc.corr.data() + r, v,
+                       v_stride, n);
+  for (; r < r1; ++r)
+    pv_rows_bf16<D, 1>(sc.acc.data() + r * D, sc.s.data() + r * kKeyTile, sc.corr.data() + r, v,
+                       v_stride, n);
+}
+#endif
+
 // ---- one work item ----
 
 template <typename Q, typename KV, int D>
@@ -431,11 +485,19 @@ template <typename Q, typename KV, int D>
 void store_output(const Problem& pb, const Tile& tl, const Scratch& sc) {
   Q* out = static_cast<Q*>(pb.out);
   const int per_token = tl.nh * pb.group;
+  const bool pv_order = kDotsBf16<KV> && !tl.rows_in_lanes;   // accumulated by pv_rows_bf16
   for (int r = 0; r < tl.rows; ++r) {
     const int64_t head = tl.h0 * pb.group + r % per_token;
     Q* dst = out + ((tl.tok0 + r / per_token) * pb.hq + head) * int64_t(D);
     const float inv = 1.0f / sc.l[r];
-    for (int d = 0; d < D; ++d) from_float(sc.acc[size_t(r) * D + d] * inv, dst + kv_dim<KV>(d));
+    for (int d = 0; d < D; ++d) {
+#if CONVEYOR_BF16_DOT
+      const int col = pv_order ? pv_dim(d) : kv_dim<KV>(d);
+#else
+      const int col = kv_dim<KV>(d);
+#endif
+      from_float(sc.acc[size_t(r) * D + d] * inv, dst + col);
+    }
   }
 }
 
@@ -478,8 +540,8 @@ Tile make_tile(const Problem& pb, const Item& it) {
 template <typename KV, int D>
 void attend_tile(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k, const KV* v,
                  int64_t key0, int n) {
-  const Rows vr = stage(v, pb.tok_stride, n, tl.nh * D, sc.vbuf.data());
   if (tl.rows_in_lanes) {
+    const Rows vr = stage(v, pb.tok_stride, n, tl.nh * D, sc.vbuf.data());
     const Rows kr = stage(k, pb.tok_stride, n, tl.nh * D, sc.kbuf.data());
     scores_rows_in_lanes<D>(sc.q.data(), tl.rows_pad, kr, sc.s.data());
     softmax_rows_in_lanes(tl, key0, n, sc);
@@ -487,6 +549,15 @@ void attend_tile(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k, co
     return;
   }
   score_keys_in_lanes<KV, D>(pb, tl, sc, k, key0, n);
+#if CONVEYOR_BF16_DOT
+  if constexpr (kDotsBf16<KV>) {
+    for (int r0 = 0; r0 < tl.rows; r0 += pb.group)
+      accumulate_pv_bf16<D>(sc, r0, r0 + pb.group, v + ((r0 / pb.group) % tl.nh) * D,
+                            pb.tok_stride, n);
+    return;
+  }
+#endif
+  const Rows vr = stage(v, pb.tok_stride, n, tl.nh * D, sc.vbuf.data());
   for (int r0 = 0; r0 < tl.rows; r0 += pb.group) {   // one kv head's query rows at a time
     const int head = (r0 / pb.group) % tl.nh;
     accumulate_pv<D>(sc, r0, r0 + pb.group, kKeyTile, 1, vr.p + head * D, vr.stride, n);

@@ -4,6 +4,12 @@ Llama 2/3 (with rope scaling), SmolLM2 (tied embeddings), Mistral and Qwen2 (q/k
 only in ``ArchConfig`` flags. ``forward`` is a function of flat tensors plus attention metadata:
 no Python branching on request state inside the layers. Checkpoints use HF's names; the loader
 stacks q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``FUSED_PARAMS``).
+
+The residual stream is carried beside the hidden states (vLLM's layout): each norm takes
+``(x, residual)``, adds, and normalises, so with the C++ extension (``fused=True``, CPU with the
+"cpu" attention backend) one op does residual add + RMSNorm, one op RoPE on the fused qkv rows and
+one op the KV write. The plain-PyTorch path computes the same values op by op and is the
+reference the fused path is tested against.
 """
 
 from __future__ import annotations
@@ -37,13 +43,34 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _fused_ops():
+    return torch.ops.conveyor_cpu
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``; the fused path does
+    the latter in place in ``x`` and ``residual``."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            if residual is None:
+                out = torch.empty_like(x)
+                _fused_ops().rms_norm(out, x, self.weight, self.eps)
+                return out
+            _fused_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,7 +80,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """q/k/v projections run as one fused GEMM (``qkv_proj``, loaded from HF's three)."""
 
-    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str):
+    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str, fused: bool = False):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
@@ -62,10 +89,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         self.rope = rope
         self.attn = make_attention(backend, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5)
+        self.fused = fused and hasattr(self.attn, "forward_qkv")
 
     def forward(self, positions, x, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                           # [T, (Hq + 2 Hkv) D]
+        if self.fused and self.attn.takes(qkv, kv_cache):
+            _fused_ops().rotary_embedding(qkv, positions, self.rope.cos, self.rope.sin,
+                                          self.num_heads, self.num_kv_heads)
+            out = self.attn.forward_qkv(qkv, kv_cache, md)               # [T, Hq, D]
+            return self.o_proj(out.view(t, -1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)                     # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)                  # [T, Hkv, D]
@@ -90,40 +123,57 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str):
+    def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str, fused: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg, rope, backend)
+        self.self_attn = Attention(cfg, rope, backend, fused)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
-    def forward(self, positions, x, kv_cache, md):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, md)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, kv_cache, md):
+        """(x, residual) -> (mlp output, residual): the caller adds the two (in the next norm)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, md)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig, backend: str):
+    def __init__(self, cfg: ArchConfig, backend: str, fused: bool = False):
         super().__init__()
         rope = RotaryEmbedding(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, backend, fused)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
     def forward(self, input_ids, positions, kv_caches, md):
-        x = self.embed_tokens(input_ids)                                  # [T, H]
+        x, residual = self.embed_tokens(input_ids), None                   # [T, H]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, md)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, md)
+        return self.norm(x, residual)[0]
+
+
+def _extension_loaded() -> bool:
+    from conveyor.attention.cpu_kernel import is_available   # lazy: may build the extension
+    return is_available()
 
 
 class LlamaForCausalLM(nn.Module):
     """``forward`` gives hidden states of every token; ``compute_logits`` only where sampled."""
 
-    def __init__(self, cfg: ArchConfig, attention_backend: str = "sdpa"):
+    def __init__(self, cfg: ArchConfig, attention_backend: str = "sdpa",
+                 fused_ops: bool | None = None):
+        """fused_ops: use the C++ element-wise ops; None = wherever the "cpu" backend is in use."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, attention_backend)
+        if fused_ops is None:
+            fused_ops = attention_backend == "cpu" and _extension_loaded()
+        self.fused_ops = fused_ops
+        self.model = LlamaModel(cfg, attention_backend, fused_ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -133,7 +133,10 @@ class Sampler:
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
-        sampled = self._sample(processed_logits(logits, md), md)  # [n] int64
+        if md.all_greedy and _untouched_by_processing(md):
+            sampled = logits.argmax(dim=-1)  # [n]: nothing to apply, no copy needed
+        else:
+            sampled = self._sample(processed_logits(logits, md), md)  # [n] int64
         logprobs, top = _gather_logprobs(raw_logprobs, sampled, md)
         return SamplerOutput(sampled.tolist(), logprobs, top)
 
@@ -167,6 +170,12 @@ class Sampler:
         for i in seeded:
             q[i] = torch.empty(vocab, dtype=torch.float32, device=device).exponential_(generator=md.generators[i])
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _untouched_by_processing(md: SamplingMetadata) -> bool:
+    """No banned ids and no penalty this step: ``processed_logits`` would return a plain copy."""
+    return (md.repetition_penalty is None and md.frequency_penalty is None
+            and md.presence_penalty is None and not any(md.banned_token_ids))
 
 
 def _gather_logprobs(raw: torch.Tensor | None, sampled: torch.Tensor, md: SamplingMetadata

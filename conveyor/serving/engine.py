@@ -20,6 +20,7 @@ from conveyor.core.engine_core import EngineCore
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.swap import PreemptionCosts, SwapManager
 from conveyor.errors import InvalidRequestError
+from conveyor.models.packed import num_parameters
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.output_processor import OutputProcessor
@@ -116,7 +117,7 @@ class LLMEngine:
         elem = torch.finfo(self.dtype).bits // 8
         block_bytes = arch.kv_bytes_per_token(elem) * cc.block_size
         num_host = max(1, cc.swap_space_bytes // block_bytes)
-        params = sum(p.numel() for p in self.model.parameters())
+        params = num_parameters(self.model)
         # Rough, deliberately simple: ~100 GFLOP/s of GEMM, ~5 GB/s of copy bandwidth each way.
         costs = PreemptionCosts(recompute_s_per_token=2 * params / 100e9,
                                 swap_s_per_block=2 * block_bytes / 5e9)

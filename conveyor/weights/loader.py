@@ -15,6 +15,7 @@ import torch
 from conveyor.errors import ModelLoadError
 from conveyor.models.config import ArchConfig
 from conveyor.models.llama import LlamaForCausalLM, fuse_hf_state_dict
+from conveyor.models.packed import pack_linears
 from conveyor.models.rope import RotaryEmbedding
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,8 +62,11 @@ def load_checkpoint(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
 
 
 def build_model(path: str, dtype: torch.dtype, device: torch.device,
-                attention_backend: str = "sdpa") -> LlamaForCausalLM:
-    """Load weights into our module tree (strict: every parameter present, nothing unknown)."""
+                attention_backend: str = "sdpa", pack_weights: bool = True) -> LlamaForCausalLM:
+    """Load weights into our module tree (strict: every parameter present, nothing unknown).
+
+    pack_weights: prepack the linear layers for oneDNN where supported (``models/packed.py``).
+    """
     cfg, state = load_checkpoint(path)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -82,4 +86,7 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_tables(cfg)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if pack_weights:
+        pack_linears(model)
+    return model

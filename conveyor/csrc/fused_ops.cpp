@@ -1,0 +1,227 @@
+// Fused per-layer element-wise ops for CPU: one call where plain PyTorch issues five to fifteen.
+//
+// Owns the ops (all in place or into a given `out`, fp32 or bf16, fp32 arithmetic inside):
+//   rms_norm(out, x, weight, eps)                   out = weight * rmsnorm(x)
+//   fused_add_rms_norm(x, residual, weight, eps)    residual += x; x = weight * rmsnorm(residual)
+//   rotary_embedding(qkv, positions, cos, sin, hq, hkv)   RoPE ("rotate half") on the q and k
+//                                                   heads of a fused qkv row, in place
+//   write_kv(kv_cache, qkv, slot_mapping, hq, hkv)  copy the k and v heads of each qkv row to
+//                                                   its slot of the paged cache
+//
+// Invariants:
+//   * Rounding matches the PyTorch reference modules step for step: a bf16 result is rounded
+//     where the reference rounds (the normalised x before the weight multiply, the residual sum),
+//     so fp32 results equal the reference up to summation order and bf16 ones to one rounding.
+//   * Rows are independent; they are split across threads with torch's parallel_for, each row
+//     owned by one thread. Row strides may be anything; the innermost dimension is contiguous.
+//   * Shapes and dtypes are checked; nothing is read or written out of bounds (slots and
+//     positions are range-checked).
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace conveyor_cpu {
+namespace {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {   // round to nearest even, NaN stays NaN (as torch)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+template <typename T> inline float ld(const T* p, int64_t i);
+template <> inline float ld<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+template <typename T> inline void st(T* p, int64_t i, float v);
+template <> inline void st<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> inline void st<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+// the value a dtype holds after rounding (identity for fp32)
+template <typename T> inline float rnd(float v) { return v; }
+template <> inline float rnd<uint16_t>(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
+
+void check_float(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float || is_bf16(t), name, ": fp32 or bf16 only");
+  STD_TORCH_CHECK(t.stride(t.dim() - 1) == 1, name, ": innermost dimension must be contiguous");
+}
+
+template <typename F>
+void for_rows(int64_t rows, int64_t cost_per_row, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cost_per_row));
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
+// ---------------------------------------------------------------- RMSNorm
+template <typename T>
+inline void norm_row(T* out, const T* src, const T* w, int64_t h, float eps) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < h; ++i) {
+    const float v = ld(src, i);
+    ss += v * v;
+  }
+  const float r = 1.0f / std::sqrt(ss / float(h) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) st(out, i, ld(w, i) * rnd<T>(ld(src, i) * r));
+}
+
+template <typename T>
+void rms_norm_impl(Tensor& out, const Tensor& x, const Tensor& w, double eps) {
+  const int64_t rows = x.size(0), h = x.size(1);
+  T* o = static_cast<T*>(out.mutable_data_ptr());
+  const T* xs = static_cast<const T*>(x.const_data_ptr());
+  const T* ws = static_cast<const T*>(w.const_data_ptr());
+  const int64_t os = out.stride(0), xst = x.stride(0);
+  for_rows(rows, h, [&](int64_t r) { norm_row(o + r * os, xs + r * xst, ws, h, float(eps)); });
+}
+
+template <typename T>
+void fused_add_rms_norm_impl(Tensor& x, Tensor& res, const Tensor& w, double eps) {
+  const int64_t rows = x.size(0), h = x.size(1);
+  T* xs = static_cast<T*>(x.mutable_data_ptr());
+  T* rs = static_cast<T*>(res.mutable_data_ptr());
+  const T* ws = static_cast<const T*>(w.const_data_ptr());
+  const int64_t xst = x.stride(0), rst = res.stride(0);
+  for_rows(rows, 2 * h, [&](int64_t r) {
+    T* xr = xs + r * xst;
+    T* rr = rs + r * rst;
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) st(rr, i, ld(rr, i) + ld(xr, i));
+    norm_row(xr, rr, ws, h, float(eps));
+  });
+}
+
+void check_norm(const Tensor& out, const Tensor& x, const Tensor& w) {
+  check_float(out, "out");
+  check_float(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && w.dim() == 1, "rms_norm: [T, H] and [H]");
+  STD_TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1) && w.size(0) == x.size(1),
+                  "rms_norm: shape mismatch");
+  STD_TORCH_CHECK(out.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type() &&
+                  w.is_contiguous(), "rms_norm: one dtype, contiguous weight");
+}
+
+void rms_norm(Tensor out, Tensor x, Tensor weight, double eps) {
+  check_norm(out, x, weight);
+  is_bf16(x) ? rms_norm_impl<uint16_t>(out, x, weight, eps)
+             : rms_norm_impl<float>(out, x, weight, eps);
+}
+
+void fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, double eps) {
+  check_norm(residual, x, weight);
+  is_bf16(x) ? fused_add_rms_norm_impl<uint16_t>(x, residual, weight, eps)
+             : fused_add_rms_norm_impl<float>(x, residual, weight, eps);
+}
+
+// ---------------------------------------------------------------- RoPE
+// Head h of a row (q heads then k heads) rotated by the angle table row of its position:
+// out[i] = x[i] cos[i] - x[i + D/2] sin[i],  out[i + D/2] = x[i + D/2] cos[i] + x[i] sin[i].
+template <typename T>
+void rope_impl(Tensor& qkv, const Tensor& pos, const Tensor& cos, const Tensor& sin, int64_t hq,
+               int64_t hkv) {
+  const int64_t rows = qkv.size(0), d = cos.size(1), half = d / 2, heads = hq + hkv;
+  T* base = static_cast<T*>(qkv.mutable_data_ptr());
+  const int64_t rs = qkv.stride(0);
+  const int64_t* p = static_cast<const int64_t*>(pos.const_data_ptr());
+  const float* cs = static_cast<const float*>(cos.const_data_ptr());
+  const float* sn = static_cast<const float*>(sin.const_data_ptr());
+  const int64_t max_pos = cos.size(0);
+  for (int64_t r = 0; r < rows; ++r)
+    STD_TORCH_CHECK(p[r] >= 0 && p[r] < max_pos, "rotary_embedding: position out of range");
+  for_rows(rows, heads * d, [&](int64_t r) {
+    const float* c = cs + p[r] * d;
+    const float* s = sn + p[r] * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* x = base + r * rs + h * d;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = ld(x, i), b = ld(x, i + half);
+        st(x, i, a * c[i] - b * s[i]);
+        st(x, i + half, b * c[i + half] + a * s[i + half]);
+      }
+    }
+  });
+}
+
+void rotary_embedding(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, int64_t num_heads,
+                      int64_t num_kv_heads) {
+  check_float(qkv, "qkv");
+  STD_TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "rotary_embedding: ranks");
+  STD_TORCH_CHECK(cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float
+                  && cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == sin.size(0) &&
+                  cos.size(1) == sin.size(1) && cos.size(1) % 2 == 0,
+                  "rotary_embedding: cos/sin must be contiguous fp32 [P, D]");
+  STD_TORCH_CHECK(positions.scalar_type() == ScalarType::Long && positions.is_contiguous() &&
+                  positions.numel() == qkv.size(0), "rotary_embedding: positions int64 [T]");
+  STD_TORCH_CHECK(qkv.size(1) >= (num_heads + num_kv_heads) * cos.size(1),
+                  "rotary_embedding: row too short");
+  is_bf16(qkv) ? rope_impl<uint16_t>(qkv, positions, cos, sin, num_heads, num_kv_heads)
+               : rope_impl<float>(qkv, positions, cos, sin, num_heads, num_kv_heads);
+}
+
+// ---------------------------------------------------------------- KV write
+void write_kv(Tensor kv_cache, Tensor qkv, Tensor slot_mapping, int64_t num_heads,
+              int64_t num_kv_heads) {
+  check_float(qkv, "qkv");
+  STD_TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "write_kv: cache layout");
+  STD_TORCH_CHECK(kv_cache.scalar_type() == qkv.scalar_type(), "write_kv: dtype mismatch");
+  STD_TORCH_CHECK(slot_mapping.scalar_type() == ScalarType::Long && slot_mapping.is_contiguous()
+                  && slot_mapping.numel() == qkv.size(0), "write_kv: slot_mapping int64 [T]");
+  const int64_t d = kv_cache.size(4), hkv = kv_cache.size(3);
+  STD_TORCH_CHECK(hkv == num_kv_heads, "write_kv: num_kv_heads mismatch");
+  STD_TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) >= (num_heads + 2 * hkv) * d, "write_kv: row");
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t rows = qkv.size(0), width = hkv * d, elem = kv_cache.element_size();
+  const int64_t* slots = static_cast<const int64_t*>(slot_mapping.const_data_ptr());
+  for (int64_t r = 0; r < rows; ++r)
+    STD_TORCH_CHECK(slots[r] >= 0 && slots[r] < num_slots, "write_kv: slot out of range");
+  char* k_cache = static_cast<char*>(kv_cache.mutable_data_ptr());
+  char* v_cache = k_cache + kv_cache.stride(0) * elem;
+  const char* src = static_cast<const char*>(qkv.const_data_ptr());
+  const int64_t row_bytes = qkv.stride(0) * elem, k_off = num_heads * d * elem;
+  for_rows(rows, 2 * width, [&](int64_t r) {
+    const char* row = src + r * row_bytes + k_off;
+    std::memcpy(k_cache + slots[r] * width * elem, row, width * elem);
+    std::memcpy(v_cache + slots[r] * width * elem, row + width * elem, width * elem);
+  });
+}
+
+}  // namespace
+}  // namespace conveyor_cpu
+
+STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rotary_embedding(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, "
+        "int num_heads, int num_kv_heads) -> ()");
+  m.def("write_kv(Tensor(a!) kv_cache, Tensor qkv, Tensor slot_mapping, int num_heads, "
+        "int num_kv_heads) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("rms_norm", TORCH_BOX(&conveyor_cpu::rms_norm));
+  m.impl("fused_add_rms_norm", TORCH_BOX(&conveyor_cpu::fused_add_rms_norm));
+  m.impl("rotary_embedding", TORCH_BOX(&conveyor_cpu::rotary_embedding));
+  m.impl("write_kv", TORCH_BOX(&conveyor_cpu::write_kv));
+}

@@ -1,0 +1,171 @@
+"""The CPU fast paths against their plain-PyTorch references: the fused C++ element-wise ops
+(RMSNorm, residual add + RMSNorm, RoPE, KV write), oneDNN-prepacked linears, and a whole model
+with both switched on vs off on ragged batches (chunked prefills, decodes, block tables with
+holes, lengths that are not multiples of the block size), in fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conveyor.attention import cpu_kernel
+from conveyor.attention.backend import write_kv
+from conveyor.models.config import ArchConfig
+from conveyor.models.llama import LlamaForCausalLM, RMSNorm
+from conveyor.models.packed import PackedLinear, num_parameters, pack_linears, packing_supported
+from conveyor.models.rope import RotaryEmbedding
+from test_attention import random_batch
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.is_available(), reason="C++ kernel not built here")
+needs_onednn = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
+                                  reason="no oneDNN in this torch build")
+DTYPES = [torch.float32, torch.bfloat16]
+ops = torch.ops.conveyor_cpu if cpu_kernel.is_available() else None
+
+
+def tiny_arch(**kw) -> ArchConfig:
+    base = dict(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=96,
+                num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
+    base.update(kw)
+    return ArchConfig(**base)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+    """fp32: equal up to summation order; bf16: at most one rounding step apart."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_reference_on_strided_rows(dtype):
+    gen = torch.Generator().manual_seed(0)
+    wide = (torch.randn(37, 100, generator=gen) * 3).to(dtype)
+    x = wide[:, 10:74]                                          # row stride 100, not contiguous
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(64, generator=gen).to(dtype)
+    out = torch.empty(37, 64, dtype=dtype)
+    ops.rms_norm(out, x, norm.weight, 1e-5)
+    close(out, norm(x), dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(2, 29, 64, generator=gen) * 2).to(dtype).unbind(0)
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(64, generator=gen).to(dtype)
+    want_x, want_res = norm(x.clone(), res.clone())             # reference path (fused=False)
+    x2, res2 = x.clone(), res.clone()
+    ops.fused_add_rms_norm(x2, res2, norm.weight, 1e-6)
+    assert torch.equal(res2, want_res)                          # the add rounds exactly like torch
+    close(x2, want_x, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaling", [(), (("factor", 8.0), ("high_freq_factor", 4.0),
+                                          ("low_freq_factor", 1.0),
+                                          ("original_max_position_embeddings", 64),
+                                          ("rope_type", "llama3"))])
+def test_rotary_embedding_matches_reference_in_place_on_qkv_rows(dtype, scaling):
+    cfg = tiny_arch(rope_scaling=scaling)
+    rope = RotaryEmbedding(cfg)
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(23, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    positions = torch.randint(0, cfg.max_position_embeddings, (23,), generator=gen)
+    q, k = qkv[:, :hq * d].view(23, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(23, hkv, d)
+    want_q, want_k = rope(positions, q, k)
+    v_before = qkv[:, (hq + hkv) * d:].clone()
+    ops.rotary_embedding(qkv, positions, rope.cos, rope.sin, hq, hkv)
+    close(qkv[:, :hq * d].view(23, hq, d), want_q, dtype)
+    close(qkv[:, hq * d:(hq + hkv) * d].view(23, hkv, d), want_k, dtype)
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before)         # v untouched
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_matches_reference_and_checks_slots(dtype):
+    q, k, v, kv, md = random_batch(3, dtype)
+    hq, hkv, d = q.shape[1], k.shape[1], k.shape[2]
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    want = kv.clone()
+    write_kv(want, k, v, md.slot_mapping)
+    ops.write_kv(kv, qkv, md.slot_mapping, hq, hkv)
+    assert torch.equal(kv, want)
+    bad = md.slot_mapping.clone()
+    bad[0] = kv.shape[1] * kv.shape[2]
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.write_kv(kv, qkv, bad, hq, hkv)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_linear_equals_f_linear(dtype, bias, rows):
+    gen = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(96, 200, bias=bias).to(dtype)
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    with torch.inference_mode():
+        want = lin(x)
+        packed = PackedLinear(lin)
+        got, got_strided = packed(x), packed(x.t().contiguous().t())   # non-contiguous input too
+    # same values up to summation order (F.linear may pick another kernel, e.g. gemv for 1 row)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_strided, want, **tol)
+
+
+def _ragged_inputs(cfg: ArchConfig, dtype, seed: int):
+    """A ragged batch over a random paged cache, as the runner builds it."""
+    from test_attention import Shape
+    shape = Shape(hq=cfg.num_heads, hkv=cfg.num_kv_heads, d=cfg.head_dim, bs=16)
+    q, _, _, kv, md = random_batch(seed, dtype, shape)
+    gen = torch.Generator().manual_seed(seed)
+    t = q.shape[0]
+    ids = torch.randint(0, cfg.vocab_size, (t,), generator=gen)
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(md.query_lens_cpu, md.seq_lens_cpu)])
+    caches = [(torch.randn(kv.shape, generator=gen) * 0.5).to(dtype) for _ in range(cfg.num_layers)]
+    return ids, positions, caches, md
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_model_matches_plain_model_on_ragged_batches(dtype, seed):
+    """fused ops + prepacked linears + C++ attention vs plain PyTorch + reference attention."""
+    cfg = tiny_arch()
+    torch.manual_seed(seed)
+    plain = LlamaForCausalLM(cfg, "reference", fused_ops=False).to(dtype).eval()
+    for p in plain.parameters():
+        p.data.normal_(0, 0.2)
+    fast = LlamaForCausalLM(cfg, "cpu", fused_ops=True).to(dtype).eval()
+    fast.load_state_dict(plain.state_dict())
+    for module in list(plain.modules()) + list(fast.modules()):
+        if isinstance(module, RotaryEmbedding):
+            module.reset_tables(cfg)
+    params_before = num_parameters(fast)
+    if packing_supported(torch.device("cpu"), dtype):
+        assert pack_linears(fast) == cfg.num_layers * 4 + 1
+        assert num_parameters(fast) == params_before + cfg.vocab_size * cfg.hidden_size  # tied head
+    ids, positions, caches, md = _ragged_inputs(cfg, dtype, seed)
+    fast_caches = [c.clone() for c in caches]
+    with torch.inference_mode():
+        want = plain(ids, positions, caches, md)
+        got = fast(ids, positions, fast_caches, md)
+        want_logits, got_logits = plain.compute_logits(want), fast.compute_logits(got)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        for a, b in zip(fast_caches, caches):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:   # bf16 roundings compound over layers; the logits must still agree closely
+        assert (got_logits - want_logits).abs().max().item() < 0.15
+        assert (got_logits.argmax(-1) == want_logits.argmax(-1)).float().mean().item() >= 0.9
