@@ -105,6 +105,19 @@ def test_write_kv_matches_reference_and_checks_slots(dtype):
         ops.write_kv(kv, qkv, bad, hq, hkv)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(4)
+    wide = (torch.randn(19, 2 * 96 + 8, generator=gen) * 6).to(dtype)
+    x = wide[:, 8:]                                             # strided rows
+    x[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0]).to(dtype)   # saturating / zero inputs
+    out = torch.empty(19, 96, dtype=dtype)
+    ops.silu_and_mul(out, x)
+    gate, up = x.split(96, dim=-1)
+    close(out, torch.nn.functional.silu(gate) * up, dtype)
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])

@@ -7,6 +7,7 @@
 //                                                   heads of a fused qkv row, in place
 //   write_kv(kv_cache, qkv, slot_mapping, hq, hkv)  copy the k and v heads of each qkv row to
 //                                                   its slot of the paged cache
+//   silu_and_mul(out, x)                            out = silu(x[:, :I]) * x[:, I:]
 //
 // Invariants:
 //   * Rounding matches the PyTorch reference modules step for step: a bf16 result is rounded
@@ -207,7 +208,54 @@ void write_kv(Tensor kv_cache, Tensor qkv, Tensor slot_mapping, int64_t num_head
   });
 }
 
+// ---------------------------------------------------------------- SwiGLU
+// 1 / (1 + e^-x) with a vectorisable exp: e^-x = 2^(-x log2 e) split into integer and fraction,
+// the fraction by a degree-6 polynomial (relative error ~2e-7), clamped so it cannot overflow.
+inline float silu(float x) {
+  float t = -x * 1.4426950408889634f;
+  t = t < -126.0f ? -126.0f : (t > 126.0f ? 126.0f : t);
+  const float n = (t + 12582912.0f) - 12582912.0f;   // round to nearest integer
+  const float f = t - n;
+  float p = 1.5403530e-4f;
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x / (1.0f + p * scale);
+}
+
+template <typename T>
+void silu_and_mul_impl(Tensor& out, const Tensor& x) {
+  const int64_t rows = x.size(0), inter = out.size(1);
+  T* o = static_cast<T*>(out.mutable_data_ptr());
+  const T* xs = static_cast<const T*>(x.const_data_ptr());
+  const int64_t os = out.stride(0), xst = x.stride(0);
+  for_rows(rows, 2 * inter, [&](int64_t r) {
+    const T* g = xs + r * xst;
+    const T* u = g + inter;
+    T* dst = o + r * os;
+    // as torch: silu(gate) is rounded to the dtype before the multiply
+#pragma omp simd
+    for (int64_t i = 0; i < inter; ++i) st(dst, i, rnd<T>(silu(ld(g, i))) * ld(u, i));
+  });
+}
+
 }  // namespace
+
+void silu_and_mul(Tensor out, Tensor x) {
+  check_float(out, "out");
+  check_float(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0) &&
+                  x.size(1) == 2 * out.size(1), "silu_and_mul: x [T, 2I] and out [T, I]");
+  STD_TORCH_CHECK(out.scalar_type() == x.scalar_type(), "silu_and_mul: one dtype");
+  is_bf16(x) ? silu_and_mul_impl<uint16_t>(out, x) : silu_and_mul_impl<float>(out, x);
+}
+
 }  // namespace conveyor_cpu
 
 STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
@@ -217,6 +265,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
         "int num_heads, int num_kv_heads) -> ()");
   m.def("write_kv(Tensor(a!) kv_cache, Tensor qkv, Tensor slot_mapping, int num_heads, "
         "int num_kv_heads) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
@@ -224,4 +273,5 @@ STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
   m.impl("fused_add_rms_norm", TORCH_BOX(&conveyor_cpu::fused_add_rms_norm));
   m.impl("rotary_embedding", TORCH_BOX(&conveyor_cpu::rotary_embedding));
   m.impl("write_kv", TORCH_BOX(&conveyor_cpu::write_kv));
+  m.impl("silu_and_mul", TORCH_BOX(&conveyor_cpu::silu_and_mul));
 }

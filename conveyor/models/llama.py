@@ -43,6 +43,9 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)   # what the C++ element-wise ops take
+
+
 def _fused_ops():
     return torch.ops.conveyor_cpu
 
@@ -58,7 +61,7 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused:
+        if self.fused and x.dtype in _FUSED_DTYPES:
             if residual is None:
                 out = torch.empty_like(x)
                 _fused_ops().rms_norm(out, x, self.weight, self.eps)
@@ -111,14 +114,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU; gate and up projections run as one fused GEMM (``gate_up_proj``)."""
 
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, fused: bool = False):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)   # [T, I] each
+        gate_up = self.gate_up_proj(x)                                          # [T, 2I]
+        if self.fused and gate_up.dtype in _FUSED_DTYPES:
+            act = torch.empty((x.shape[0], self.intermediate_size), dtype=gate_up.dtype)
+            _fused_ops().silu_and_mul(act, gate_up)
+            return self.down_proj(act)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)               # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -126,7 +135,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig, rope: RotaryEmbedding, backend: str, fused: bool = False):
         super().__init__()
         self.self_attn = Attention(cfg, rope, backend, fused)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, fused)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
