@@ -45,6 +45,11 @@ def main(argv=None) -> None:
                   f"{s['itl_ms']['p50']:.0f} / {s['itl_ms']['p99']:.0f} | "
                   f"{s['e2e_ms']['p99'] / 1e3:.1f} | {s['duration_s']:.1f} | "
                   f"{s['completed']}/{s['num_requests']} |")
+        ranked = sorted(group, key=lambda g: -g[1]["output_throughput"])
+        if len(ranked) > 1:
+            (best, b), (second, n) = ranked[0], ranked[1]
+            print(f"\nfastest at rate {rate}: {best} ({b['output_throughput']:.1f} output tok/s, "
+                  f"{b['output_throughput'] / n['output_throughput']:.2f}x the next, {second})")
         print()
 
 

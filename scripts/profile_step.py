@@ -155,6 +155,39 @@ def _forward_marker(engine: LLMEngine):
         model.forward = inner
 
 
+def gemm_rate(model, dtype: torch.dtype, rows=(64, 512, 2048)) -> dict[int, float]:
+    """GFLOP/s of the model's own layer GEMMs (all layers, as the forward runs them) at each
+    row count: the measured ceiling the model-FLOPs arithmetic in BENCHMARKS.md divides by."""
+    layers = model.model.layers
+    width = {"qkv": model.config.hidden_size, "o": model.config.hidden_size,
+             "gate_up": model.config.hidden_size, "down": model.config.intermediate_size}
+    out = {}
+    with torch.inference_mode():
+        for m in rows:
+            xs = {k: torch.randn(m, w).to(dtype) for k, w in width.items()}
+            def run():
+                for layer in layers:
+                    layer.self_attn.qkv_proj(xs["qkv"])
+                    layer.self_attn.o_proj(xs["o"])
+                    layer.mlp.gate_up_proj(xs["gate_up"])
+                    layer.mlp.down_proj(xs["down"])
+            run()
+            n = max(2, 64 * 8 // m)
+            t = time.perf_counter()
+            for _ in range(n):
+                run()
+            dt = (time.perf_counter() - t) / n
+            flops = 2 * m * sum(p.numel() for layer in layers for name, p in _linear_weights(layer))
+            out[m] = flops / dt / 1e9
+    return out
+
+
+def _linear_weights(layer):
+    for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                layer.mlp.down_proj):
+        yield "w", torch.empty(mod.out_features, mod.in_features, device="meta")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -191,10 +224,13 @@ def main(argv=None) -> None:
         cells = [f"{p.get(c, 0):.2f} ({100 * p.get(c, 0) / step:.0f}%)" for c in cols]
         print(f"| {r['batch']} | {step:.2f} | {r['batch'] / step * 1e3:.0f} | " + " | ".join(cells)
               + f" | {100 * math:.0f}% |")
+    rates = gemm_rate(engine.model, engine.dtype)
+    print("\nlayer GEMMs (" + str(engine.dtype) + "), GFLOP/s by rows: " +
+          ", ".join(f"{m}: {r:.0f}" for m, r in rates.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"platform": platform.describe(engine.device), "dtype": str(engine.dtype),
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "gemm_gflops": rates}, f, indent=1)
 
 
 if __name__ == "__main__":
