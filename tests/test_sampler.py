@@ -343,3 +343,32 @@ def test_greedy_rows_do_not_shift_shared_randomness():
         assert torch.equal(greedy_gen.get_state(), state)
         runs.append(toks)
     assert runs[0] == runs[1]
+
+
+def test_runner_fast_greedy_path_only_takes_rows_the_sampler_would_argmax():
+    """ModelRunner skips the Sampler when every row is plain greedy; anything the Sampler would
+    change (penalties, banned EOS before min_tokens, logprobs, temperature) must go through it,
+    and for plain rows the raw argmax is exactly the Sampler's choice."""
+    from conveyor.runner.input_batch import CachedRequestState
+    from conveyor.runner.model_runner import _plain_greedy
+    from conveyor.sampling_params import SamplingParams
+
+    def state(n_out=3, **kw):
+        return CachedRequestState("r", list(range(5 + n_out)), 5,
+                                  SamplingParams(temperature=0.0, **kw), [0], 0)
+
+    assert _plain_greedy(state())
+    assert _plain_greedy(state(min_tokens=3))
+    assert not _plain_greedy(state(min_tokens=4))              # EOS still banned this step
+    assert not _plain_greedy(state(logprobs=2))
+    assert not _plain_greedy(state(repetition_penalty=1.2))
+    assert not _plain_greedy(state(frequency_penalty=0.5))
+    assert not _plain_greedy(state(presence_penalty=0.5))
+    assert not _plain_greedy(CachedRequestState("r", [1, 2], 1, SamplingParams(temperature=0.7),
+                                                [0], 0))
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen)
+    params = [SamplingParams(temperature=0.0)] * 6
+    md = SamplingMetadata.build(params, [[1]] * 6, [[2, 3]] * 6, [None] * 6, frozenset({0}), 50,
+                                "cpu")
+    assert Sampler()(logits, md).sampled_token_ids == logits.argmax(dim=-1).tolist()

@@ -97,6 +97,12 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
         states = [self.states[rid] for rid in request_ids]
+        if all(_plain_greedy(st) for st in states):
+            # what the Sampler would do for these rows, without building its metadata
+            tokens = logits.argmax(dim=-1).tolist()
+            for st, token in zip(states, tokens):
+                st.token_ids.append(token)
+            return ModelRunnerOutput(request_ids, tokens)
         md = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], [self.generators.get(rid) for rid in request_ids],
@@ -105,3 +111,11 @@ class ModelRunner:
         for st, token in zip(states, out.sampled_token_ids):
             st.token_ids.append(token)
         return ModelRunnerOutput(request_ids, out.sampled_token_ids, out.logprobs, out.top_logprobs)
+
+
+def _plain_greedy(st: CachedRequestState) -> bool:
+    """Greedy, no logprobs, no penalty, min_tokens reached: the token is the raw logits' argmax."""
+    p = st.sampling_params
+    return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and len(st.token_ids) - st.num_prompt_tokens >= p.min_tokens)
