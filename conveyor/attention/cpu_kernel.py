@@ -2,8 +2,8 @@
 
 Owns building and loading the C++ extension (``conveyor/csrc/paged_attention.cpp``: the op
 ``torch.ops.conveyor_cpu.paged_attention``; ``conveyor/csrc/fused_ops.cpp``: RMSNorm, fused
-residual-add + RMSNorm, RoPE and KV write, used by ``conveyor.models.fused``) and
-``CpuAttention``, the attention backend that calls it.
+residual-add + RMSNorm, RoPE, KV write and SwiGLU, used by ``conveyor.models.llama`` when
+``fused_ops``) and ``CpuAttention``, the attention backend that calls it.
 
 Invariants:
 - Importing this module compiles nothing; the first ``KernelLoader.available()`` builds (once
