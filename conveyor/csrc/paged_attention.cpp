@@ -501,12 +501,98 @@ void store_output(const Problem& pb, const Tile& tl, const Scratch& sc) {
   }
 }
 
+#if CONVEYOR_BF16_DOT
+// 16 x 16 dwords in place: in, m[t] is row t; out, m[c] is column c (lane t holds row t's).
+INLINE void transpose16(__m512i* m) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // m[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j
+    m[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    m[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    m[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    m[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {   // gather lane L of m[j], m[4 + j], m[8 + j], m[12 + j]
+    const __m512i x0 = _mm512_shuffle_i32x4(m[j], m[4 + j], 0x88);
+    const __m512i x1 = _mm512_shuffle_i32x4(m[j], m[4 + j], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(m[8 + j], m[12 + j], 0x88);
+    const __m512i y1 = _mm512_shuffle_i32x4(m[8 + j], m[12 + j], 0xDD);
+    t[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    t[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) m[i] = t[i];
+}
+
+// Unscaled scores of NR query rows against n <= kKeyTile bf16 keys of one kv head read in place
+// (k, row stride k_stride): the keys are transposed once into dim pairs with key t in lane t,
+// then each row adds one vdpbf16ps per dim pair. No horizontal sums; keys past n score 0.
+template <int D, int NR>
+INLINE void scores_transposed_bf16(const uint16_t* const* q, const uint16_t* k, int64_t k_stride,
+                                   int n, float* const* out) {
+  __m512 a[NR][2];
+  for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  for (int c = 0; c < D / 32; ++c) {   // 16 dim pairs (32 dims) at a time
+    __m512i m[16];
+    for (int t = 0; t < kKeyTile; ++t)
+      m[t] = t < n ? _mm512_loadu_si512(k + t * k_stride + 32 * c) : _mm512_setzero_si512();
+    transpose16(m);
+    for (int i = 0; i < 16; ++i)
+      for (int r = 0; r < NR; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, q[r] + 32 * c + 2 * i, 4);
+        a[r][i & 1] = _mm512_dpbf16_ps(a[r][i & 1], (__m512bh)m[i],
+                                       (__m512bh)_mm512_set1_epi32(int(pair)));
+      }
+  }
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(a[r][0], a[r][1]));
+}
+
+// Raw scores of every row of a few-rows tile into s[r * kKeyTile + t], kv head by kv head, at
+// most 4 rows per pass over the transposed keys.
+template <int D>
+void scores_all_rows_bf16(const Problem& pb, const Tile& tl, Scratch& sc, const uint16_t* k,
+                          int n) {
+  const int per_token = tl.nh * pb.group;
+  for (int head = 0; head < tl.nh; ++head) {
+    int rows[64], nr = 0;
+    for (int r = 0; r < tl.rows && nr < 64; ++r)
+      if ((r % per_token) / pb.group == head) rows[nr++] = r;
+    for (int b = 0; b < nr; b += 4) {
+      const int cnt = std::min(4, nr - b);
+      const uint16_t* q[4];
+      float* out[4];
+      for (int j = 0; j < cnt; ++j) {
+        q[j] = sc.q_bf16.data() + size_t(rows[b + j]) * D;
+        out[j] = sc.s.data() + rows[b + j] * kKeyTile;
+      }
+      const uint16_t* kh = k + head * D;
+      switch (cnt) {
+        case 4: scores_transposed_bf16<D, 4>(q, kh, pb.tok_stride, n, out); break;
+        case 3: scores_transposed_bf16<D, 3>(q, kh, pb.tok_stride, n, out); break;
+        case 2: scores_transposed_bf16<D, 2>(q, kh, pb.tok_stride, n, out); break;
+        default: scores_transposed_bf16<D, 1>(q, kh, pb.tok_stride, n, out); break;
+      }
+    }
+  }
+}
+#endif
+
 template <typename KV, int D>
 void score_keys_in_lanes(const Problem& pb, const Tile& tl, Scratch& sc, const KV* k,
                          int64_t key0, int n) {
 #if CONVEYOR_BF16_DOT
   if constexpr (kDotsBf16<KV>) {
     const vf scale = splat(pb.scale_log2);
+    if (tl.rows <= 64 && D % 32 == 0) {
+      scores_all_rows_bf16<D>(pb, tl, sc, k, n);   // each row's slot of s, read back just below
+      auto score = [&](int r, int) { return load(sc.s.data() + r * kKeyTile) * scale; };
+      return softmax_keys_in_lanes(tl, pb.group, score, key0, n, sc);
+    }
     auto score = [&](int r, int head) {
       return scores_one_row_bf16<D>(sc.q_bf16.data() + r * D, k + head * D, pb.tok_stride, n) *
              scale;
