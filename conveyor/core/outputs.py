@@ -102,3 +102,21 @@ class StepStats:
     kv_usage: float = 0.0
     slot_of: dict[str, int] = field(default_factory=dict)       # every slot holder -> slot index
     useful_request_ids: list[str] = field(default_factory=list)  # computed real tokens this step
+
+    @classmethod
+    def of_step(cls, out: "SchedulerOutput", requests: dict, num_running: int, num_waiting: int,
+                max_num_seqs: int, num_admitted: int, num_preempted: int, kv_usage: float,
+                slot_of: dict[str, int]) -> "StepStats":
+        """The stats of a step just scheduled; a 1-token step of a request past its prompt that
+        already has output is a decode, every other scheduled token is prefill."""
+        def is_decode(rid: str) -> bool:
+            req = requests[rid]
+            return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
+        decode = sum(1 for rid, n in out.num_scheduled_tokens.items() if n == 1 and is_decode(rid))
+        return cls(max_num_seqs=max_num_seqs, num_running=num_running, num_waiting=num_waiting,
+                   num_scheduled_tokens=out.total_num_scheduled_tokens,
+                   num_prefill_tokens=out.total_num_scheduled_tokens - decode,
+                   num_decode_tokens=decode, num_padding_tokens=out.num_padding_tokens,
+                   num_new_admissions=num_admitted, num_preemptions=num_preempted,
+                   kv_usage=kv_usage, slot_of=dict(slot_of),
+                   useful_request_ids=list(out.num_scheduled_tokens))

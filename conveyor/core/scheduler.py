@@ -27,6 +27,7 @@ from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequ
                                    EngineCoreOutput, SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request, RequestStatus, check_stop
 from conveyor.core.request_queue import RequestQueue
+from conveyor.core.slot_reclaim import admission_victim
 from conveyor.core.swap import SwapManager
 
 
@@ -166,31 +167,9 @@ class Scheduler:
         return admitted
 
     def _admission_victim(self, req: Request) -> Request | None:
-        """Who makes room for a waiting request that found no slot or blocks, if anyone.
-
-        A strictly higher-priority arrival takes the lowest-priority running request's place.
-        Under fair scheduling, a tenant below its weighted share of the batch slots takes the
-        newest request of the tenant furthest above its share.
-        """
-        lowest = self.running[-1] if self.running else None
-        if lowest is not None and lowest.priority > req.priority:
-            return lowest
-        if not self.waiting.fair or not self.running:
-            return None
-        counts: dict[str, int] = {}
-        for r in self.running:
-            counts[r.tenant] = counts.get(r.tenant, 0) + 1
-        weights = self.config.tenant_weights_dict
-        total = sum(weights.get(t, 1.0) for t in set(counts) | {req.tenant})
-        share = lambda t: self.config.max_num_seqs * weights.get(t, 1.0) / total  # noqa: E731
-        if counts.get(req.tenant, 0) + 1 > share(req.tenant):
-            return None
-        over = {t: c - share(t) for t, c in counts.items() if c - 1 >= share(t) and t != req.tenant}
-        if not over:
-            return None
-        tenant = max(over, key=over.get)
-        return next((r for r in reversed(self.running)
-                     if r.tenant == tenant and r.priority >= req.priority), None)
+        """Who makes room for a waiting request that found no slot or blocks (``slot_reclaim``)."""
+        return admission_victim(req, self.running, self.waiting.fair, self.config.max_num_seqs,
+                                self.config.tenant_weights_dict)
 
     def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
         """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
@@ -267,20 +246,10 @@ class Scheduler:
         return out
 
     def _record_stats(self, out: SchedulerOutput, admitted, num_preempted: int) -> None:
-        decode = sum(1 for rid, n in out.num_scheduled_tokens.items()
-                     if n == 1 and self._is_decode(rid))
-        self.last_stats = StepStats(
-            max_num_seqs=self.config.max_num_seqs,
-            num_running=len(self.running), num_waiting=len(self.waiting),
-            num_scheduled_tokens=out.total_num_scheduled_tokens,
-            num_prefill_tokens=out.total_num_scheduled_tokens - decode, num_decode_tokens=decode,
-            num_padding_tokens=out.num_padding_tokens, num_new_admissions=len(admitted),
-            num_preemptions=num_preempted, kv_usage=self.kv.pool.usage,
-            slot_of=dict(self.slot_of), useful_request_ids=list(out.num_scheduled_tokens))
-
-    def _is_decode(self, rid: str) -> bool:
-        req = self.requests[rid]
-        return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
+        self.last_stats = StepStats.of_step(out, self.requests, len(self.running),
+                                            len(self.waiting), self.config.max_num_seqs,
+                                            len(admitted), num_preempted, self.kv.pool.usage,
+                                            self.slot_of)
 
     def _check_step_invariants(self, out: SchedulerOutput) -> None:
         assert out.total_num_scheduled_tokens <= self.token_budget()
