@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp")   # one extension, one op namespace
+HEADERS = (_CSRC / "exp2_poly.h",)                                    # part of the build's cache key
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)          # the C++ switch in run_dim
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _EXT_NAME = "conveyor_paged_attention"
@@ -79,7 +80,7 @@ def _arch_flags() -> list[str]:
 def build_dir(flags: list[str]) -> Path:
     """Cache directory of the build for this source, toolchain, flags and CPU."""
     version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True).stdout
-    key = "\n".join([*(src.read_text() for src in SOURCES), version, " ".join(flags),
+    key = "\n".join([*(src.read_text() for src in SOURCES + HEADERS), version, " ".join(flags),
                      " ".join(sorted(cpu_info().flags)), torch.__version__, sys.version])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -126,8 +127,9 @@ def build_and_load() -> None:
     _clear_stale_lock(directory)
     start = time.perf_counter()
     try:
-        cpp_extension.load(_EXT_NAME, [str(src) for src in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        cpp_extension.load(_EXT_NAME, [str(src) for src in SOURCES], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], build_directory=str(directory),
+                           is_python_module=False, verbose=False)
     except Exception as exc:   # compiler/linker errors arrive as several exception types
         marker.write_text(f"{type(exc).__name__}: {exc}\n")
         raise KernelUnavailable(f"build failed: {exc}") from exc

@@ -28,6 +28,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "exp2_poly.h"
+
 namespace conveyor_cpu {
 namespace {
 
@@ -205,20 +207,13 @@ void write_kv(Tensor kv_cache, Tensor qkv, Tensor slot_mapping, int64_t num_head
 }
 
 // ---------------------------------------------------------------- SwiGLU
-// 1 / (1 + e^-x) with a vectorisable exp: e^-x = 2^(-x log2 e) split into integer and fraction,
-// the fraction by a degree-6 polynomial (relative error ~2e-7), clamped so it cannot overflow.
+// x / (1 + e^-x) with a vectorisable exp: e^-x = 2^(-x log2 e) split into integer and fraction
+// (exp2_poly.h), clamped so it cannot overflow.
 inline float silu(float x) {
   float t = -x * 1.4426950408889634f;
   t = t < -126.0f ? -126.0f : (t > 126.0f ? 126.0f : t);
   const float n = (t + 12582912.0f) - 12582912.0f;   // round to nearest integer
-  const float f = t - n;
-  float p = 1.5403530e-4f;
-  p = p * f + 1.3333558e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
+  const float p = exp2_fraction(t - n);
   const float scale = std::bit_cast<float>((int32_t(n) + 127) << 23);
   return x / (1.0f + p * scale);
 }

@@ -36,6 +36,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "exp2_poly.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define CONVEYOR_BF16_DOT 1   // decode scores of bf16 caches straight from the cache (vdpbf16ps)
@@ -157,13 +159,7 @@ INLINE vf exp2v(vf x) {
   vf xc = x < -126.0f ? splat(-126.0f) : x;
   vf n = (xc + 12582912.0f) - 12582912.0f;   // round to nearest integer (1.5 * 2^23 trick)
   vf f = xc - n;                             // in [-0.5, 0.5]
-  vf p = splat(1.5403530e-4f);
-  p = p * f + 1.3333558e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
+  vf p = exp2_fraction(f);
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf r = p * reinterpret_cast<vf&>(bits);
   return x < -126.0f ? splat(0.0f) : r;

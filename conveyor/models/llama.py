@@ -181,7 +181,6 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         if fused_ops is None:
             fused_ops = attention_backend == "cpu" and _extension_loaded()
-        self.fused_ops = fused_ops
         self.model = LlamaModel(cfg, attention_backend, fused_ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -12,7 +12,7 @@ Invariants:
 - Only CPU modules in fp32 or bf16 are packed, and only where this torch build has oneDNN;
   ``CONVEYOR_DISABLE_PACKED_LINEAR=1`` turns it off. Anything else keeps ``nn.Linear``.
 - The plain weight is dropped after packing (no second copy in memory); ``num_parameters``
-  counts what the module stood for.
+  counts it from ``in_features x out_features``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ class PackedLinear(nn.Module):
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.num_parameters = weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
-        self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
         self.bias = linear.bias
 
@@ -80,5 +78,5 @@ def num_parameters(model: nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    return total + sum(m.num_parameters - (m.bias.numel() if m.bias is not None else 0)
+    return total + sum(m.in_features * m.out_features
                        for m in model.modules() if isinstance(m, PackedLinear))

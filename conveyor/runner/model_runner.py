@@ -11,7 +11,7 @@ import torch
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.models.llama import LlamaForCausalLM
 from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
-from conveyor.sampling import Sampler, SamplingMetadata
+from conveyor.sampling import Sampler, SamplingMetadata, is_plain_greedy
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
@@ -114,8 +114,4 @@ class ModelRunner:
 
 
 def _plain_greedy(st: CachedRequestState) -> bool:
-    """Greedy, no logprobs, no penalty, min_tokens reached: the token is the raw logits' argmax."""
-    p = st.sampling_params
-    return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
-            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-            and len(st.token_ids) - st.num_prompt_tokens >= p.min_tokens)
+    return is_plain_greedy(st.sampling_params, len(st.token_ids) - st.num_prompt_tokens)

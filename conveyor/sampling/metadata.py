@@ -143,6 +143,14 @@ def _history(params: list[SamplingParams], prompts: list[list[int]], outputs: li
     return seen, counts
 
 
+def is_plain_greedy(p: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether the Sampler's token for this row is just the argmax of the raw logits: greedy,
+    no logprobs, no penalty, and nothing banned (min_tokens reached, see ``_banned_ids``)."""
+    return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and num_output_tokens >= p.min_tokens)
+
+
 def _banned_ids(p: SamplingParams, output: list[int], eos_token_ids: frozenset[int],
                 vocab_size: int) -> list[int]:
     """Ids to forbid this step: EOS and stop_token_ids while fewer than min_tokens were generated.

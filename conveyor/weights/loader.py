@@ -62,11 +62,9 @@ def load_checkpoint(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
 
 
 def build_model(path: str, dtype: torch.dtype, device: torch.device,
-                attention_backend: str = "sdpa", pack_weights: bool = True) -> LlamaForCausalLM:
-    """Load weights into our module tree (strict: every parameter present, nothing unknown).
-
-    pack_weights: prepack the linear layers for oneDNN where supported (``models/packed.py``).
-    """
+                attention_backend: str = "sdpa") -> LlamaForCausalLM:
+    """Load weights into our module tree (strict: every parameter present, nothing unknown);
+    linear layers are prepacked for oneDNN where supported (``models/packed.py``)."""
     cfg, state = load_checkpoint(path)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -87,6 +85,5 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
         if isinstance(module, RotaryEmbedding):
             module.reset_tables(cfg)
     model = model.to(device).eval()
-    if pack_weights:
-        pack_linears(model)
+    pack_linears(model)
     return model
