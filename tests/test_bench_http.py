@@ -190,3 +190,66 @@ def test_cli_bench_serve_sweep_writes_a_report(fake_server, tmp_path):
         assert (s["completed"], s["total_output_tokens"]) == (4, 18)   # 2 x 3 + 2 x 6 tokens
         assert s["goodput"] == pytest.approx(s["request_throughput"]) and run["batch"] is None
     assert isinstance(seen["bodies"][-1]["prompt"], list) and len(seen["bodies"][-1]["prompt"]) == 5
+
+
+def _raw_server_answer(answer: bytes, body: dict | None = None, base_url_path: str = ""):
+    """Serve ``answer`` verbatim (then close) to one POST; returns (events, status, request)."""
+    from conveyor.bench.sse_stream import Endpoint, StreamingPost
+    seen = {}
+
+    async def main():
+        async def handle(reader, writer):
+            seen["request"] = await reader.readuntil(b"\r\n\r\n")
+            length = int(seen["request"].split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            seen["body"] = await reader.readexactly(length)
+            for i in range(0, len(answer), 7):          # dribble: frames split anywhere
+                writer.write(answer[i:i + 7])
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        endpoint = Endpoint.parse(f"http://127.0.0.1:{port}{base_url_path}")
+        async with server:
+            async with StreamingPost(endpoint, "/v1/completions", body or {"a": 1},
+                                     {"X-Tenant": "t"}) as resp:
+                if resp.status != 200:
+                    return [await resp.read()], resp.status
+                return [e async for e in resp.events()], resp.status
+
+    events, status = asyncio.run(main())
+    return events, status, seen
+
+
+def _chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_sse_client_undoes_chunking_split_lines_and_crlf():
+    body = _chunked(b"data: {\"x\": 1}\n\nda", b"ta: {\"x\": 2}\r\n\r\n: comment\n\n",
+                    b"event: e\ndata:[DONE]\n\n")
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+    events, status, seen = _raw_server_answer(head + body, base_url_path="/prefix/")
+    assert status == 200 and events == [b'{"x": 1}', b'{"x": 2}', b"[DONE]"]
+    assert seen["request"].startswith(b"POST /prefix/v1/completions HTTP/1.1\r\n")
+    assert b"X-Tenant: t\r\n" in seen["request"] and json.loads(seen["body"]) == {"a": 1}
+
+
+def test_sse_client_reads_length_and_close_delimited_bodies():
+    payload = b"data: one\n\ndata: two\n\n"
+    with_length = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    assert _raw_server_answer(with_length)[0] == [b"one", b"two"]
+    until_close = b"HTTP/1.0 200 OK\r\n\r\n" + payload + b"data: last"     # no final newline
+    assert _raw_server_answer(until_close)[0] == [b"one", b"two", b"last"]
+    error = b'HTTP/1.1 429 Too Many Requests\r\nContent-Length: 9\r\n\r\n{"e": 42}'
+    assert _raw_server_answer(error)[:2] == ([b'{"e": 42}'], 429)
+
+
+def test_sse_client_rejects_broken_framing():
+    from conveyor.bench.sse_stream import HTTPStreamError
+    with pytest.raises(HTTPStreamError, match="not an HTTP answer"):
+        _raw_server_answer(b"SSH-2.0-OpenSSH\r\n\r\n")
+    with pytest.raises(HTTPStreamError, match="chunk size"):
+        _raw_server_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    with pytest.raises(HTTPStreamError, match="closed before the end"):
+        _raw_server_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\ndata: x\n\n")

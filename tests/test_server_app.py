@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from conveyor.serving.server import ServerConfig, build_app
+from conveyor.serving.server import ServerConfig, build_app, run_on_own_thread
 from engine_helpers import assert_all_blocks_free, prompt, small_engine
 
 
@@ -46,6 +46,37 @@ def test_health_is_503_while_loading_then_200(engine):
     assert loading.status_code == 503 and loading.json()["status"] == "loading"
     assert models.status_code == 503 and models.json()["error"]["code"] == "model_loading"
     assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+
+
+def test_model_loads_on_a_thread_that_is_gone_before_serving(engine):
+    # libgomp keeps an OpenMP pool per thread that ever ran a parallel region; a loader thread that
+    # lives on (an executor's) doubles the pools and slows every step of the engine thread
+    loaders = []
+
+    def load():
+        loaders.append(threading.current_thread())
+        return engine
+
+    async def scenario(client):
+        while (await client.get("/health")).status_code != 200:
+            await asyncio.sleep(0.05)
+        return threading.enumerate()
+
+    alive = asyncio.run(_serve_in_process(build_app(ServerConfig(), load), scenario))
+    (loader,) = loaders
+    assert loader is not threading.main_thread() and loader.name == "conveyor-load"
+    assert not loader.is_alive() and loader not in alive
+
+
+def test_run_on_own_thread_returns_and_raises():
+    async def both():
+        value = await run_on_own_thread(lambda: threading.current_thread())
+        with pytest.raises(ValueError, match="bad weights"):
+            await run_on_own_thread(lambda: (_ for _ in ()).throw(ValueError("bad weights")))
+        return value
+
+    thread = asyncio.run(both())
+    assert thread is not threading.main_thread() and not thread.is_alive()
 
 
 def test_engine_failure_over_http_reports_errors_and_health_503(engine, monkeypatch):

@@ -2,7 +2,9 @@
 
 Owns ``conveyor bench serve``'s client side: each request is sent at its arrival time (at most
 ``max_concurrency`` in flight) to ``/v1/completions`` with ``stream: true``, ``ignore_eos`` and
-``max_tokens``; the arrival time of every streamed chunk is recorded. Output tokens are counted
+``max_tokens``; the arrival time of every streamed chunk is recorded. Streams go through
+``sse_stream`` (a lean asyncio HTTP/1.1 client: the generator shares the CPU with the server it
+measures); httpx only reads the model list. Output tokens are counted
 from the final ``usage`` object (asked for with ``stream_options.include_usage``) when the server
 sends one, else as the number of chunks carrying text. A failed request (HTTP error, connection
 error, an ``error`` event in the stream) is recorded with its message; the run goes on.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 
 import httpx
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from conveyor.bench.offline import RunResult
 from conveyor.bench.records import RequestRecord
+from conveyor.bench.sse_stream import Endpoint, StreamingPost
 from conveyor.bench.workloads import BenchRequest, Workload
 from conveyor.errors import InvalidRequestError
 
@@ -60,19 +64,18 @@ async def fetch_model_name(client: httpx.AsyncClient) -> str:
         raise ServerError(f"could not read the model name from {url} ({e}); pass --model NAME") from e
 
 
-async def _stream_one(client: httpx.AsyncClient, payload: dict, headers: dict, rec: RequestRecord,
+async def _stream_one(endpoint: Endpoint, payload: dict, headers: dict, rec: RequestRecord,
                       t0: float) -> None:
     content_chunks, usage = 0, None
-    async with client.stream("POST", "/v1/completions", json=payload, headers=headers) as resp:
-        if resp.status_code != 200:
-            body = (await resp.aread()).decode("utf-8", "replace")
-            rec.error = f"HTTP {resp.status_code}: {body[:300]}"
+    async with StreamingPost(endpoint, "/v1/completions", payload, headers) as resp:
+        if resp.status != 200:
+            body = (await resp.read()).decode("utf-8", "replace")
+            rec.error = f"HTTP {resp.status}: {body[:300]}"
             return
-        async for line in resp.aiter_lines():
-            data = line[5:].strip() if line.startswith("data:") else ""
+        async for data in resp.events():
             if not data:
                 continue
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
             event = json.loads(data)
             if event.get("error"):
@@ -100,15 +103,21 @@ def _read_usage(usage: dict, rec: RequestRecord) -> None:
         rec.cached_tokens = details["cached_tokens"]
 
 
-async def _one(client, req: BenchRequest, payload: dict, t0: float, gate: asyncio.Semaphore | None,
-               bar) -> RequestRecord:
+async def _one(endpoint: Endpoint, headers: dict, req: BenchRequest, payload: dict, t0: float,
+               gate: asyncio.Semaphore | None, bar, timeout_s: float) -> RequestRecord:
     await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
     async with gate if gate is not None else contextlib.nullcontext():
         rec = RequestRecord(req.request_id, req.prompt_len, req.max_tokens, time.perf_counter() - t0,
                             tenant=req.tenant, priority=req.priority)
         try:
-            await _stream_one(client, payload, request_headers(req), rec, t0)
-        except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
+            await asyncio.wait_for(
+                _stream_one(endpoint, payload, headers | request_headers(req), rec, t0), timeout_s)
+        except (ConnectionRefusedError, socket.gaierror) as e:
+            rec.error = f"ConnectError: {e}"
+        except TimeoutError:
+            rec.error = f"Timeout: no complete answer within {timeout_s:g} s"
+        except (json.JSONDecodeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                OSError, ValueError) as e:
             rec.error = f"{type(e).__name__}: {e}"
     bar.update(1)
     return rec
@@ -120,21 +129,22 @@ async def run_http_async(base_url: str, workload: Workload, model: str | None = 
                          progress: bool = True, timeout_s: float = 3600.0) -> RunResult:
     """Send ``workload`` to ``base_url`` and record every request; see the module docstring."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=max_concurrency or max(1, len(workload.requests)))
-    timeout = httpx.Timeout(timeout_s, connect=30.0)
-    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                                 limits=limits) as client:
+    endpoint = Endpoint.parse(base_url)
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
+                                 timeout=httpx.Timeout(60.0, connect=30.0)) as client:
         model = model or await fetch_model_name(client)
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         bar = tqdm(total=len(workload.requests), desc=label, unit="req", disable=not progress, leave=False)
-        t0 = time.perf_counter()
-        tasks = [_one(client, r, completion_payload(r, model, send_token_ids), t0, gate, bar)
-                 for r in workload.requests]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        tasks = [_one(endpoint, headers, r, completion_payload(r, model, send_token_ids), t0, gate,
+                      bar, timeout_s) for r in workload.requests]
         records = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         bar.close()
+    # the load generator's own CPU time during the run: on a machine it shares with the server,
+    # this is time taken from the server under test
     config = {"base_url": base_url, "model": model, "max_concurrency": max_concurrency,
-              "send_token_ids": send_token_ids}
+              "send_token_ids": send_token_ids, "client_cpu_s": round(cpu, 3)}
     return RunResult(label, list(records), [], config, wall)
 
 
