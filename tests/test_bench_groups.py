@@ -101,6 +101,9 @@ def test_plain_runs_have_no_group_rows_or_engine_lines():
     entry = run_entry(RunResult("continuous", plain))
     assert entry["groups"] == {} and entry["prefix_cache"] is None and entry["cached_tokens"] is None
     assert engine_line(entry) is None
+    entry["config"], entry["wall_s"] = {"client_cpu_s": 0.25}, 10.0     # an HTTP run's
+    assert engine_line(entry) == "continuous: load generator CPU 0.25 s (2.5% of one core over the run)"
+    entry["config"] = {}
     zero = {"prefix_cache": {"queries": 0, "hits": 0, "hit_rate": None},
             "preemptions_by_mode": {"recompute": 0, "swap": 0}}
     assert engine_line(run_entry(RunResult("off", plain, engine_stats=zero))) is None

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from conveyor.bench.http_client import ServerError, completion_payload, request_headers, run_http
+from conveyor.bench.console import engine_line
 from conveyor.bench.metrics import summarize
 from conveyor.bench.report import run_entry
 from conveyor.bench.workloads import BenchRequest, Workload
@@ -90,6 +91,8 @@ def test_token_counts_from_usage_are_exact(fake_server):
     url, seen = fake_server
     run = run_http(url, _workload([3, 5, 1, 8]), progress=False)
     assert run.config["model"] == "fake-model"          # read from /v1/models
+    assert 0 < run.config["client_cpu_s"] < 60          # the load generator's own CPU time
+    assert "load generator CPU" in engine_line(run_entry(run))
     assert [r.error for r in run.records] == [""] * 4
     assert [r.output_len for r in run.records] == [3, 5, 1, 8]
     assert [len(r.chunk_times) for r in run.records] == [3, 5, 1, 8]

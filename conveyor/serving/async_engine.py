@@ -81,6 +81,9 @@ class AsyncEngine:
     itself: call it from that loop only. ``max_waiting_requests`` bounds the sequences that are
     queued but not yet running (``QueueFullError`` beyond it); ``request_timeout`` (seconds) aborts
     requests that run longer. ``observer`` sees every output on the engine thread (metrics).
+    Build ``engine`` on a thread that has exited by then (``server.run_on_own_thread``): a live
+    thread that ran the model's OpenMP regions keeps a second pool, and libgomp's workers then
+    sleep between parallel regions, which slows every step (see docs/architecture.md).
     """
 
     def __init__(self, engine: Any, *, max_waiting_requests: int | None = None,
