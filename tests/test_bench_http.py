@@ -13,8 +13,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from conveyor.bench.http_client import ServerError, completion_payload, request_headers, run_http
 from conveyor.bench.console import engine_line
+from conveyor.bench.http_client import (
+    ServerError,
+    completion_payload,
+    request_headers,
+    run_http,
+)
 from conveyor.bench.metrics import summarize
 from conveyor.bench.report import run_entry
 from conveyor.bench.workloads import BenchRequest, Workload
@@ -213,12 +218,11 @@ def _raw_server_answer(answer: bytes, body: dict | None = None, base_url_path: s
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         endpoint = Endpoint.parse(f"http://127.0.0.1:{port}{base_url_path}")
-        async with server:
-            async with StreamingPost(endpoint, "/v1/completions", body or {"a": 1},
-                                     {"X-Tenant": "t"}) as resp:
-                if resp.status != 200:
-                    return [await resp.read()], resp.status
-                return [e async for e in resp.events()], resp.status
+        post = StreamingPost(endpoint, "/v1/completions", body or {"a": 1}, {"X-Tenant": "t"})
+        async with server, post as resp:
+            if resp.status != 200:
+                return [await resp.read()], resp.status
+            return [e async for e in resp.events()], resp.status
 
     events, status = asyncio.run(main())
     return events, status, seen

@@ -9,9 +9,9 @@ import threading
 
 import httpx
 import pytest
+from engine_helpers import assert_all_blocks_free, prompt, small_engine
 
 from conveyor.serving.server import ServerConfig, build_app, run_on_own_thread
-from engine_helpers import assert_all_blocks_free, prompt, small_engine
 
 
 @pytest.fixture(scope="module")

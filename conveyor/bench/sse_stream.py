@@ -33,7 +33,7 @@ class Endpoint:
     base_path: str
 
     @classmethod
-    def parse(cls, base_url: str) -> "Endpoint":
+    def parse(cls, base_url: str) -> Endpoint:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
