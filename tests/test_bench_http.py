@@ -23,6 +23,7 @@ from conveyor.bench.http_client import (
 from conveyor.bench.metrics import summarize
 from conveyor.bench.report import run_entry
 from conveyor.bench.workloads import BenchRequest, Workload
+from conveyor.errors import InvalidRequestError
 
 
 def _fake_app(seen: dict) -> FastAPI:
@@ -166,6 +167,8 @@ def test_unreachable_server_and_missing_model_list():
         run_http(f"http://127.0.0.1:{port}", _workload([1]), progress=False)
     run = run_http(f"http://127.0.0.1:{port}", _workload([1]), model="m", progress=False)
     assert run.records[0].error.startswith("ConnectError")
+    with pytest.raises(InvalidRequestError, match="http"):
+        run_http("ftp://127.0.0.1", _workload([1]), model="m", progress=False)
 
 
 def test_payload_shape():

@@ -1,11 +1,12 @@
 """A lean HTTP/1.1 client for one streamed POST: the load generator's hot path.
 
 Why not httpx: on a 2-core machine the load generator shares the CPU with the server it measures.
-httpx spent ~90 µs of CPU per streamed event (httpcore, anyio and line iterators stacked on the
-socket); every event the client parses is time a compute thread of the server under test does not
-run, and the server's parallel regions wait for the thread that was pushed off its core. This client
-reads the socket with asyncio streams, undoes chunked transfer encoding and yields each SSE
-``data:`` payload as bytes — a few µs per event. It speaks exactly what OpenAI-compatible servers
+With httpx the load generator spent ~150 µs of CPU per streamed event (httpcore, anyio and line
+iterators stacked on the socket); every event the client handles is time a compute thread of the
+server under test does not run, and the server's parallel regions wait for the thread that was
+pushed off its core. This client reads the socket with asyncio streams, undoes chunked transfer
+encoding and yields each SSE ``data:`` payload as bytes: ~40 µs per event all told, JSON parsing
+and bookkeeping included (64 streams, 6,768 events: 1.03 s of client CPU before, 0.26 s after). It speaks exactly what OpenAI-compatible servers
 send (a status line, headers, a chunked, length-delimited or read-until-close body; plain or TLS),
 one connection per request (``Connection: close``), like the one-shot streams it measures.
 """
@@ -17,6 +18,8 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from conveyor.errors import InvalidRequestError
 
 
 class HTTPStreamError(OSError):
@@ -36,7 +39,7 @@ class Endpoint:
     def parse(cls, base_url: str) -> Endpoint:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
+            raise InvalidRequestError(f"--base-url must be an http(s) URL, got {base_url!r}")
         tls = parts.scheme == "https"
         return cls(parts.hostname, parts.port or (443 if tls else 80), tls, parts.path.rstrip("/"))
 

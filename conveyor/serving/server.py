@@ -129,10 +129,9 @@ async def run_on_own_thread(fn: Callable[[], Any]) -> Any:
 
     thread = threading.Thread(target=target, name="conveyor-load", daemon=True)
     thread.start()
-    try:
-        return await done
-    finally:
-        await asyncio.to_thread(thread.join)   # gone (and its OpenMP pool with it) before serving
+    result = await done
+    thread.join()     # it is past fn() already; once gone, its OpenMP pool is gone with it
+    return result
 
 
 def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
