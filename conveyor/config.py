@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from conveyor.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "int8")
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
 KV_ALLOCATIONS = ("paged", "reservation")
 # How long a partial batch waits before launching: static batching waits for a full batch,
@@ -31,6 +32,7 @@ class ModelConfig:
     model: an HF model directory, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" resolves per device in ``conveyor.platform`` (bf16 where the CPU has native bf16).
     max_model_len: context limit in tokens; None takes the checkpoint's (capped by KV capacity).
+    quantization: None, or "int8" (CPU: int8 layer GEMMs with per-token activation scales).
     """
 
     model: str | None = None
@@ -38,9 +40,13 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}", "dtype")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+                 "quantization")
         _require(self.max_model_len is None or self.max_model_len > 0,
                  "max_model_len must be a positive integer", "max_model_len")
 

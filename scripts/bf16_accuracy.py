@@ -1,12 +1,13 @@
 """The accuracy cost of serving in bf16 instead of fp32, on the default (or given) model.
 
-usage: python scripts/bf16_accuracy.py [--model PATH] [--text FILE] [--max-tokens 64]
+usage: python scripts/bf16_accuracy.py [--model PATH] [--text FILE] [--max-tokens 64] [--int8]
 
 1. Perplexity of a fixed text (default: this repository's docs/architecture.md, first 1,024
    tokens) under fp32 and bf16, from one prefill through the engine's own model and KV cache.
 2. Greedy agreement: a fixed set of chat prompts generated greedily by an fp32 engine and a bf16
    engine; tokens that agree until the first divergence, over all tokens.
-Prints one Markdown table (BENCHMARKS.md's bf16 accuracy rows).
+Prints one Markdown table (BENCHMARKS.md's bf16 accuracy rows); ``--int8`` adds a row for
+``--quantization int8``.
 """
 
 from __future__ import annotations
@@ -68,29 +69,35 @@ def main(argv=None) -> None:
                                           "architecture.md"))
     ap.add_argument("--text-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--int8", action="store_true",
+                    help="also measure --quantization int8 (bf16 where the CPU has it, else fp32)")
     args = ap.parse_args(argv)
+    variants = {"fp32 (reference)": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}}
+    if args.int8:
+        variants["int8 GEMMs, dtype auto"] = {"dtype": "auto", "quantization": "int8"}
     rows, outputs = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        engine = LLMEngine.from_kwargs(model=args.model, dtype=dtype, max_num_seqs=len(PROMPTS),
-                                       enable_prefix_caching=False)
+    for name, kw in variants.items():
+        engine = LLMEngine.from_kwargs(model=args.model, max_num_seqs=len(PROMPTS),
+                                       enable_prefix_caching=False, **kw)
         ids = engine.tokenizer.encode(Path(args.text).read_text())[:args.text_tokens]
-        rows[dtype] = perplexity(engine, ids)
-        outputs[dtype] = greedy(engine, args.max_tokens)
-    agree = total = 0
-    for ref, low in zip(outputs["float32"], outputs["bfloat16"]):
-        total += len(ref)
-        for a, b in zip(ref, low):
-            if a != b:
-                break
-            agree += 1
-    identical = sum(a == b for a, b in zip(outputs["float32"], outputs["bfloat16"]))
-    print(f"| dtype | perplexity ({len(ids)} tokens of {Path(args.text).name}) | greedy agreement |")
+        rows[name] = perplexity(engine, ids)
+        outputs[name] = greedy(engine, args.max_tokens)
+    base = "fp32 (reference)"
+    print(f"| variant | perplexity ({len(ids)} tokens of {Path(args.text).name}) | greedy agreement |")
     print("|---|---|---|")
-    print(f"| fp32 (reference) | {rows['float32']:.4f} | — |")
-    print(f"| bf16 | {rows['bfloat16']:.4f} ({100 * (rows['bfloat16'] / rows['float32'] - 1):+.2f}%)"
-          f" | {agree}/{total} tokens until first divergence; {identical}/{len(PROMPTS)} "
-          "completions identical |")
-
+    print(f"| {base} | {rows[base]:.4f} | — |")
+    for name in list(variants)[1:]:
+        agree = total = 0
+        for ref, low in zip(outputs[base], outputs[name]):
+            total += len(ref)
+            for a, b in zip(ref, low):
+                if a != b:
+                    break
+                agree += 1
+        identical = sum(a == b for a, b in zip(outputs[base], outputs[name]))
+        print(f"| {name} | {rows[name]:.4f} ({100 * (rows[name] / rows[base] - 1):+.2f}%) | "
+              f"{agree}/{total} tokens until first divergence; {identical}/{len(PROMPTS)} "
+              "completions identical |")
 
 if __name__ == "__main__":
     main()

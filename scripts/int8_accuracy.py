@@ -45,6 +45,18 @@ def per_token(x: torch.Tensor) -> torch.Tensor:
     return _u8(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
 
 
+def per_token_symmetric(x: torch.Tensor) -> torch.Tensor:
+    scale = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def as_int8_engine(x: torch.Tensor) -> torch.Tensor:
+    """What ``--quantization int8`` does (``models/int8.quantize_rows_reference``)."""
+    from conveyor.models.int8 import quantize_rows_reference
+    q, scale, offset = quantize_rows_reference(x)
+    return ((q.float() - 128) * scale[:, None] + offset[:, None]).to(x.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -61,6 +73,8 @@ def main() -> None:
     print(f"| fp32 | {base:.2f} | – |")
     variants = [("int8 weights only", None, ()), ("w8a8, one activation scale per tensor", per_tensor, ()),
                 ("w8a8, one activation scale per token", per_token, ()),
+                ("w8a8, per token, symmetric around 0", per_token_symmetric, ()),
+                ("w8a8, per token, integer zero point, as --quantization int8", as_int8_engine, ()),
                 ("w8a8 per tensor, down_proj left in fp32", per_tensor, ("down_proj",))]
     for label, act, skip in variants:
         hooks = []

@@ -1,6 +1,8 @@
 """What int8 GEMMs would buy on this CPU: SmolLM2's four layer GEMM shapes, GFLOP/s by rows.
 
-Columns: conveyor's bf16 path (oneDNN, prepacked: ``models/packed.PackedLinear``); oneDNN's
+Columns: conveyor's bf16 path (oneDNN, prepacked: ``models/packed.PackedLinear``); conveyor's
+``--quantization int8`` path (``models/int8.Int8Linear``: fused per-token quantize, oneDNN int8
+GEMM, fused dequantize, bf16 in and out); oneDNN's
 u8 x s8 linear (VNNI where present) with per-channel weight scales, with the per-call dynamic
 activation quantization done in torch ops, and the same GEMM alone on already-quantized inputs;
 torch's int8 weight-only matmul. Weights are random: this measures speed, not accuracy.
@@ -16,6 +18,8 @@ import time
 import torch
 
 from conveyor import platform
+from conveyor.attention.cpu_kernel import is_available
+from conveyor.models.int8 import Int8Linear
 from conveyor.models.packed import PackedLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]   # qkv, o, gate_up, down (out, in)
@@ -61,8 +65,12 @@ def rates(rows: int) -> dict[str, float]:
             xq = torch.clamp((x[k].float() / s).round() + 128, 0, 255).to(torch.uint8)
             qlinear(xq, s, w, ws, wz)
 
+    int8 = [(Int8Linear(lin.weight, None, is_available()), k)
+            for lin, k in ((torch.nn.Linear(k, n, bias=False).to(torch.bfloat16), k)
+                           for n, k in SHAPES)]
     return {
         "bf16 prepacked": _rate(lambda: [lin(x[k]) for lin, k in packed], flops),
+        "conveyor Int8Linear": _rate(lambda: [lin(x[k]) for lin, k in int8], flops),
         "int8 w8a8 + quantize": _rate(w8a8, flops),
         "int8 w8a8 GEMM only": _rate(lambda: [qlinear(qx[k], 0.05, w, ws, wz)
                                               for w, ws, wz, k in q], flops),

@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--quantization", "-q", default=None, choices=["int8"],
+                   help="int8: int8 weights and per-token int8 activations in the layer GEMMs "
+                        "(CPU, VNNI where present); accuracy and speed in BENCHMARKS.md")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
@@ -57,6 +60,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         if getattr(args, name) <= 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
     return dict(model=args.model, dtype=args.dtype, device=args.device,
+                quantization=args.quantization,
                 max_model_len=args.max_model_len, block_size=args.block_size,
                 num_blocks=args.num_kv_blocks, kv_cache_bytes=args.kv_cache_memory,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -8,6 +8,15 @@
 //   write_kv(kv_cache, qkv, slot_mapping, hq, hkv)  copy the k and v heads of each qkv row to
 //                                                   its slot of the paged cache
 //   silu_and_mul(out, x)                            out = silu(x[:, :I]) * x[:, I:]
+//   quantize_rows_int8(q, scales, offsets, x)       per row, asymmetric uint8 over [min(x, 0),
+//                                                   max(x, 0)] with an integer zero point z (0 is
+//                                                   exact): scale = range / 255, q = round(x /
+//                                                   scale) + z; offsets = scale * (128 - z), what
+//                                                   a GEMM run with zero point 128 is owed per unit
+//   dequantize_rows(out, y, scales, offsets, colsum)  out[r, c] = y[r, c] * scales[r]
+//                                                   + offsets[r] * colsum[c]; y fp32 (the GEMM's
+//                                                   exact-ish sums, rounded once, here), out fp32
+//                                                   or bf16, may be y itself
 //
 // Invariants:
 //   * Rounding matches the PyTorch reference modules step for step: a bf16 result is rounded
@@ -23,6 +32,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -234,6 +244,61 @@ void silu_and_mul_impl(Tensor& out, const Tensor& x) {
   });
 }
 
+// ---------------------------------------------------------------- int8 activations
+// Per-row (per-token) asymmetric quantization whose zero point is an integer, so 0 (and the many
+// values near it) are represented exactly: that, not the range, is what kept SmolLM2's perplexity
+// (scripts/int8_accuracy.py). Round half to even, as torch.round.
+template <typename T>
+void quantize_rows_impl(Tensor& q, Tensor& scales, Tensor& offsets, const Tensor& x) {
+  const int64_t rows = x.size(0), h = x.size(1);
+  const T* xs = static_cast<const T*>(x.const_data_ptr());
+  uint8_t* qs = static_cast<uint8_t*>(q.mutable_data_ptr());
+  float* sc = static_cast<float*>(scales.mutable_data_ptr());
+  float* off = static_cast<float*>(offsets.mutable_data_ptr());
+  const int64_t xst = x.stride(0), qst = q.stride(0);
+  for_rows(rows, h, [&](int64_t r) {
+    const T* src = xs + r * xst;
+    float hi = 0.0f, lo = 0.0f;
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+    for (int64_t i = 0; i < h; ++i) {
+      hi = std::max(hi, ld(src, i));
+      lo = std::min(lo, ld(src, i));
+    }
+    const float range = (hi - lo) / 255.0f;
+    const float scale = range > 0.0f ? range : 1.0f;
+    float zero = std::nearbyint(-lo / scale);
+    zero = zero < 0.0f ? 0.0f : (zero > 255.0f ? 255.0f : zero);
+    const float inv = 1.0f / scale;
+    uint8_t* dst = qs + r * qst;
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) {
+      float v = std::nearbyint(ld(src, i) * inv) + zero;   // the default rounding mode: to even
+      v = v < 0.0f ? 0.0f : (v > 255.0f ? 255.0f : v);
+      dst[i] = uint8_t(int32_t(v));
+    }
+    sc[r] = scale;
+    off[r] = scale * (128.0f - zero);
+  });
+}
+
+template <typename T>
+void dequantize_rows_impl(Tensor& out, const Tensor& y, const Tensor& scales, const Tensor& offsets,
+                          const Tensor& colsum) {
+  const int64_t rows = y.size(0), h = y.size(1), yst = y.stride(0), ost = out.stride(0);
+  T* os = static_cast<T*>(out.mutable_data_ptr());
+  const float* ys = static_cast<const float*>(y.const_data_ptr());
+  const float* sc = static_cast<const float*>(scales.const_data_ptr());
+  const float* off = static_cast<const float*>(offsets.const_data_ptr());
+  const float* cs = static_cast<const float*>(colsum.const_data_ptr());
+  for_rows(rows, h, [&](int64_t r) {
+    const float* row = ys + r * yst;
+    T* dst = os + r * ost;
+    const float s = sc[r], o = off[r];
+#pragma omp simd
+    for (int64_t i = 0; i < h; ++i) st(dst, i, row[i] * s + o * cs[i]);
+  });
+}
+
 }  // namespace
 
 void silu_and_mul(Tensor out, Tensor x) {
@@ -243,6 +308,36 @@ void silu_and_mul(Tensor out, Tensor x) {
                   x.size(1) == 2 * out.size(1), "silu_and_mul: x [T, 2I] and out [T, I]");
   STD_TORCH_CHECK(out.scalar_type() == x.scalar_type(), "silu_and_mul: one dtype");
   is_bf16(x) ? silu_and_mul_impl<uint16_t>(out, x) : silu_and_mul_impl<float>(out, x);
+}
+
+void quantize_rows_int8(Tensor q, Tensor scales, Tensor offsets, Tensor x) {
+  check_float(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && q.size(0) == x.size(0) &&
+                  q.size(1) == x.size(1) && q.stride(1) == 1,
+                  "quantize_rows_int8: x [T, H] and q [T, H] (innermost contiguous)");
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::Byte, "quantize_rows_int8: q must be uint8");
+  for (const Tensor* t : {&scales, &offsets})
+    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->dim() == 1 &&
+                    t->size(0) == x.size(0) && t->stride(0) == 1,
+                    "quantize_rows_int8: scales and offsets must be fp32 [T]");
+  is_bf16(x) ? quantize_rows_impl<uint16_t>(q, scales, offsets, x)
+             : quantize_rows_impl<float>(q, scales, offsets, x);
+}
+
+void dequantize_rows(Tensor out, Tensor y, Tensor scales, Tensor offsets, Tensor colsum) {
+  check_float(out, "out");
+  STD_TORCH_CHECK(y.scalar_type() == ScalarType::Float && y.dim() == 2 && y.stride(1) == 1 &&
+                  out.dim() == 2 && out.size(0) == y.size(0) && out.size(1) == y.size(1),
+                  "dequantize_rows: y fp32 [T, H] (innermost contiguous) and out [T, H]");
+  for (const Tensor* t : {&scales, &offsets})
+    STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float && t->dim() == 1 &&
+                    t->size(0) == y.size(0) && t->stride(0) == 1,
+                    "dequantize_rows: scales and offsets must be fp32 [T]");
+  STD_TORCH_CHECK(colsum.scalar_type() == ScalarType::Float && colsum.dim() == 1 &&
+                  colsum.size(0) == y.size(1) && colsum.stride(0) == 1,
+                  "dequantize_rows: colsum must be fp32 [H]");
+  is_bf16(out) ? dequantize_rows_impl<uint16_t>(out, y, scales, offsets, colsum)
+               : dequantize_rows_impl<float>(out, y, scales, offsets, colsum);
 }
 
 }  // namespace conveyor_cpu
@@ -255,6 +350,9 @@ STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
   m.def("write_kv(Tensor(a!) kv_cache, Tensor qkv, Tensor slot_mapping, int num_heads, "
         "int num_kv_heads) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("quantize_rows_int8(Tensor(a!) q, Tensor(b!) scales, Tensor(c!) offsets, Tensor x) -> ()");
+  m.def("dequantize_rows(Tensor(a!) out, Tensor y, Tensor scales, Tensor offsets, "
+        "Tensor colsum) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
@@ -263,4 +361,6 @@ STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
   m.impl("rotary_embedding", TORCH_BOX(&conveyor_cpu::rotary_embedding));
   m.impl("write_kv", TORCH_BOX(&conveyor_cpu::write_kv));
   m.impl("silu_and_mul", TORCH_BOX(&conveyor_cpu::silu_and_mul));
+  m.impl("quantize_rows_int8", TORCH_BOX(&conveyor_cpu::quantize_rows_int8));
+  m.impl("dequantize_rows", TORCH_BOX(&conveyor_cpu::dequantize_rows));
 }

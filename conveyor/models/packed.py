@@ -23,6 +23,8 @@ import os
 import torch
 from torch import nn
 
+from conveyor.models.int8 import Int8Linear
+
 log = logging.getLogger(__name__)
 
 _BATCH_HINT = 64   # oneDNN's layout choice barely depends on it for these shapes (measured 1-256)
@@ -72,11 +74,12 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Parameters the model stands for, packed layers included (a tied weight counted once)."""
+    """Parameters the model stands for, packed and int8 layers included (a tied weight counted
+    once)."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
     return total + sum(m.in_features * m.out_features
-                       for m in model.modules() if isinstance(m, PackedLinear))
+                       for m in model.modules() if isinstance(m, (PackedLinear, Int8Linear)))

@@ -35,7 +35,7 @@ _DEFAULT_KV_CAP_BYTES = 4 << 30
 
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
-    model_keys = {"model", "dtype", "device", "max_model_len", "seed"}
+    model_keys = {"model", "dtype", "device", "max_model_len", "seed", "quantization"}
     cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
                   "enable_prefix_caching", "preemption_mode", "swap_space_bytes"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
@@ -64,7 +64,8 @@ class LLMEngine:
             from conveyor.attention.select import default_backend
             attention_backend = default_backend(self.device)
         self.attention_backend = attention_backend
-        self.model = build_model(self.model_path, self.dtype, self.device, attention_backend)
+        self.model = build_model(self.model_path, self.dtype, self.device, attention_backend,
+                                 mc.quantization)
         arch = self.model.config
         self.eos_token_ids = self.tokenizer.eos_token_ids | arch.eos_token_ids
         num_blocks = self._num_kv_blocks(arch)
@@ -81,8 +82,9 @@ class LLMEngine:
                                and config.scheduler.batching == "continuous", swap=swap)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self._ids = itertools.count()
-        logger.info("model %s (%s) on %s, dtype %s, attention %s; %s", self.model_path,
-                    arch.architecture, self.device, self.dtype, attention_backend,
+        logger.info("model %s (%s) on %s, dtype %s%s, attention %s; %s", self.model_path,
+                    arch.architecture, self.device, self.dtype,
+                    f", {mc.quantization} GEMMs" if mc.quantization else "", attention_backend,
                     platform.describe(self.device))
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; "
                     "max_num_seqs %d; max_num_batched_tokens %d", num_blocks, bs, num_blocks * bs,
