@@ -128,6 +128,30 @@ def test_logprobs_and_n(tiny_llama_dir):
     engine.check_invariants()
 
 
+def test_outputs_already_handed_out_never_change(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=6,
+                                                        logprobs=1, ignore_eos=True))
+    seen = []                   # (output, what it held when handed out)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            seen.append((out, [(c.text, list(c.token_ids), c.delta_text, list(c.delta_token_ids),
+                                len(c.logprobs), c.finish_reason) for c in out.outputs]))
+    assert len(seen) >= 6 and seen[-1][0].finished
+    for out, held in seen:
+        assert [(c.text, c.token_ids, c.delta_text, c.delta_token_ids, len(c.logprobs),
+                 c.finish_reason) for c in out.outputs] == held
+    lengths = [len(held[0][1]) for _, held in seen]
+    assert lengths == sorted(lengths) and lengths[-1] == 6     # cumulative, one step at a time
+    assert_blocks_free(engine)
+
+
+def assert_blocks_free(engine):
+    engine.check_invariants()
+    assert engine.core.kv_manager.pool.num_free_blocks == engine.num_kv_blocks
+
+
 @pytest.mark.parametrize("prompt,params,field", [
     ("", SamplingParams(), "prompt"),
     ([], SamplingParams(), "prompt"),

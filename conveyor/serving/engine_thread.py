@@ -9,8 +9,9 @@ Owns the command inbox (event loop -> thread), the step loop, and the hand-back 
 - With no command and no unfinished request the thread sleeps on a condition variable; when
   requests exist but a step scheduled nothing (static/dynamic batching waiting to launch a batch)
   it waits ``_STALL_WAIT_S`` for commands before stepping again, instead of spinning.
-- Outputs handed back are copies made on this thread, with deltas recomputed from the cumulative
-  text and tokens, so the loop side never sees an object this thread will mutate again.
+- Outputs handed back are fresh objects with deltas recomputed from the cumulative text and
+  tokens; their lists are the output processor's per-step snapshots, which nothing mutates, so
+  the loop side never sees an object this thread will change again.
 - Every request that was added gets exactly one finished output: "stop", "length", "abort", or
   "error" when ``step()`` raised. After an error the thread exits and the inbox refuses adds.
 """
@@ -224,16 +225,17 @@ class EngineThread:
         choices = []
         for c in out.outputs:
             num_tokens, num_chars = sent[c.index]
+            # c is already the output processor's snapshot: its lists are not touched again
             choices.append(CompletionOutput(
-                c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
-                None if c.logprobs is None else list(c.logprobs), c.cumulative_logprob,
-                delta_text=c.text[num_chars:], delta_token_ids=c.token_ids[num_tokens:],
+                c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs,
+                c.cumulative_logprob, delta_text=c.text[num_chars:],
+                delta_token_ids=c.token_ids[num_tokens:],
                 delta_logprobs=[] if c.logprobs is None else c.logprobs[num_tokens:]))
             sent[c.index] = (len(c.token_ids), len(c.text))
         if out.finished:
             self._sent.pop(out.request_id, None)
             self._live.pop(out.request_id, None)
-        return RequestOutput(out.request_id, out.prompt, list(out.prompt_token_ids), choices,
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, choices,
                              out.finished, out.metrics, out.num_cached_tokens, out.error)
 
     def _die(self, exc: Exception) -> None:

@@ -3,7 +3,9 @@
 Owns one incremental detokenizer per (child) request. When a stop string appears in the text, the
 request is finished in the core right here, in the same step, so its blocks are freed before the
 next schedule. A request with ``n > 1`` is one parent with n children in the core; its output
-lists the children's completions in index order and is finished when all of them are.
+lists the children's completions in index order and is finished when all of them are. Every
+``RequestOutput`` handed out holds its own copies of the completions: a later step never changes
+an output a caller already has (the prompt token list is shared; nothing writes to it).
 """
 
 from __future__ import annotations
@@ -123,13 +125,21 @@ class OutputProcessor:
             max(c.request.finished_time for c in parent.children) if parent.finished else 0.0,
             sum(c.request.num_preemptions for c in parent.children))
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                            [c.completion for c in parent.children], parent.finished, metrics,
-                            num_cached_tokens=first.num_cached_tokens)
+                            [_snapshot(c.completion) for c in parent.children], parent.finished,
+                            metrics, num_cached_tokens=first.num_cached_tokens)
         if parent.finished:
             self.parents.pop(parent.request_id, None)
             for c in parent.children:
                 self.children.pop(c.request.request_id, None)
         return out
+
+
+def _snapshot(comp: CompletionOutput) -> CompletionOutput:
+    """A copy the caller keeps: later steps extend and overwrite only the processor's own."""
+    return CompletionOutput(
+        comp.index, comp.text, list(comp.token_ids), comp.finish_reason, comp.stop_reason,
+        None if comp.logprobs is None else list(comp.logprobs), comp.cumulative_logprob,
+        comp.delta_text, list(comp.delta_token_ids), list(comp.delta_logprobs))
 
 
 def _clear_delta(comp: CompletionOutput) -> None:

@@ -1,7 +1,8 @@
 """What the engine hands back to callers, shaped like vLLM's ``RequestOutput``.
 
-``CompletionOutput`` carries the cumulative text/tokens and this step's delta, so the same object
-serves the offline API (read the final one) and streaming (send the deltas).
+``CompletionOutput`` carries the cumulative text/tokens and this step's delta, so the same type
+serves the offline API (read the final one) and streaming (send the deltas). Each step hands out
+new objects; an output a caller holds does not change afterwards.
 """
 
 from __future__ import annotations
