@@ -19,7 +19,7 @@ import torch
 
 from conveyor import platform
 from conveyor.attention.cpu_kernel import is_available
-from conveyor.models.int8 import Int8Linear
+from conveyor.models.int8 import Int8Linear, quantize_weight
 from conveyor.models.packed import PackedLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]   # qkv, o, gate_up, down (out, in)
@@ -37,9 +37,7 @@ def _rate(fn, flops: float) -> float:
 def _quantized(rows: int):
     out = []
     for n, k in SHAPES:
-        w = torch.randn(n, k)
-        scale = w.abs().amax(1) / 127
-        qw = torch.clamp((w / scale[:, None]).round(), -128, 127).to(torch.int8)
+        qw, scale = quantize_weight(torch.randn(n, k))
         out.append((torch.ops.onednn.qlinear_prepack(qw, [rows, k]), scale,
                     torch.zeros(n, dtype=torch.int64), k))
     return out

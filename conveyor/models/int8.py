@@ -26,6 +26,8 @@ import logging
 import torch
 from torch import nn
 
+from conveyor.models.packed import linear_children
+
 log = logging.getLogger(__name__)
 
 _ZERO_POINT = 128
@@ -115,13 +117,10 @@ def quantize_linears(model: nn.Module, fused: bool | None = None) -> int:
     ``pack_linears``); returns how many. ``fused``: quantize activations with the C++ op (None:
     wherever conveyor's CPU extension builds)."""
     if fused is None:
-        from conveyor.attention.cpu_kernel import (
-            is_available,  # lazy: may build the extension
-        )
+        from conveyor.attention.cpu_kernel import is_available   # lazy: may build the extension
         fused = is_available()
-    targets = [(parent, name, child) for pname, parent in model.named_modules()
-               for name, child in parent.named_children()
-               if type(child) is nn.Linear and f"{pname}.{name}".lstrip(".") != "lm_head"]
+    targets = [(parent, name, linear) for parent, name, linear in linear_children(model)
+               if linear is not getattr(model, "lm_head", None)]
     for parent, name, linear in targets:
         setattr(parent, name, Int8Linear(linear.weight, linear.bias, fused))
     log.info("int8: quantized %d linear layers (per-channel weights, per-token activations)",

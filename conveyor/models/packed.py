@@ -23,8 +23,6 @@ import os
 import torch
 from torch import nn
 
-from conveyor.models.int8 import Int8Linear
-
 log = logging.getLogger(__name__)
 
 _BATCH_HINT = 64   # oneDNN's layout choice barely depends on it for these shapes (measured 1-256)
@@ -57,13 +55,17 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+def linear_children(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, attribute name, layer)`` of every plain ``nn.Linear`` in ``model``."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children() if type(child) is nn.Linear]
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (CPU, fp32/bf16) by a ``PackedLinear``; returns
     how many were packed. A tied LM head gets its own packed copy; the embedding keeps its table."""
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
     packed = 0
-    for parent, name, linear in targets:
+    for parent, name, linear in linear_children(model):
         if not packing_supported(linear.weight.device, linear.weight.dtype):
             continue
         setattr(parent, name, PackedLinear(linear))
@@ -74,12 +76,13 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def num_parameters(model: nn.Module) -> int:
-    """Parameters the model stands for, packed and int8 layers included (a tied weight counted
-    once)."""
+    """Parameters the model stands for, a tied weight counted once. Layers holding their weight in
+    a ``packed`` buffer instead of a parameter (``PackedLinear``, ``Int8Linear``) count as
+    ``in_features x out_features``."""
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
     return total + sum(m.in_features * m.out_features
-                       for m in model.modules() if isinstance(m, (PackedLinear, Int8Linear)))
+                       for m in model.modules() if hasattr(m, "packed"))

@@ -135,11 +135,12 @@ class OutputProcessor:
 
 
 def _snapshot(comp: CompletionOutput) -> CompletionOutput:
-    """A copy the caller keeps: later steps extend and overwrite only the processor's own."""
+    """A copy the caller keeps: later steps extend only the processor's own cumulative lists.
+    The delta lists are shared: each step replaces them with new ones, never appends to them."""
     return CompletionOutput(
         comp.index, comp.text, list(comp.token_ids), comp.finish_reason, comp.stop_reason,
         None if comp.logprobs is None else list(comp.logprobs), comp.cumulative_logprob,
-        comp.delta_text, list(comp.delta_token_ids), list(comp.delta_logprobs))
+        comp.delta_text, comp.delta_token_ids, comp.delta_logprobs)
 
 
 def _clear_delta(comp: CompletionOutput) -> None:
