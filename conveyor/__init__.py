@@ -1,8 +1,9 @@
 """conveyor: a continuous-batching LLM inference engine and OpenAI-compatible server."""
 
 from conveyor.sampling_params import SamplingParams
+from conveyor.structured.params import StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 

@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "int8")
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
 KV_ALLOCATIONS = ("paged", "reservation")
+PREFIX_CACHE_SCOPES = ("tenant", "global")
 # How long a partial batch waits before launching: static batching waits for a full batch,
 # dynamic batching launches after a short window.
 DEFAULT_BATCH_TIMEOUT_S = {"static": 30.0, "dynamic": 0.05, "continuous": 0.0}
@@ -32,7 +33,9 @@ class ModelConfig:
     model: an HF model directory, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" resolves per device in ``conveyor.platform`` (bf16 where the CPU has native bf16).
     max_model_len: context limit in tokens; None takes the checkpoint's (capped by KV capacity).
-    quantization: None, or "int8" (CPU: int8 layer GEMMs with per-token activation scales).
+    quantization: None, or "int8" (CPU: int8 layer GEMMs with per-token activation scales; in
+        float32 or bfloat16; the CPU must have VNNI, which ``models/int8.check_supported`` checks
+        at start since it depends on the machine).
     """
 
     model: str | None = None
@@ -47,6 +50,9 @@ class ModelConfig:
         _require(self.quantization in QUANTIZATIONS,
                  f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
                  "quantization")
+        _require(self.quantization != "int8" or self.dtype != "float16",
+                 "--quantization int8 computes in float32 or bfloat16, not float16; use --dtype "
+                 "auto, float32 or bfloat16", "quantization")
         _require(self.max_model_len is None or self.max_model_len > 0,
                  "max_model_len must be a positive integer", "max_model_len")
 
@@ -56,6 +62,8 @@ class CacheConfig:
     """Paged KV cache sizing: give ``num_blocks`` or ``kv_cache_bytes`` (the first wins).
 
     With neither, the pool is sized to ``max_num_seqs`` full-length sequences, capped at 4 GiB.
+    prefix_cache_scope: "tenant" (a request only hits blocks its own tenant cached) or "global"
+    (tenants share cached prefixes, so a hit reveals that another tenant sent the same prefix).
     """
 
     block_size: int = 16
@@ -63,12 +71,15 @@ class CacheConfig:
     kv_cache_bytes: int | None = None
     kv_allocation: str = "paged"
     enable_prefix_caching: bool = True
+    prefix_cache_scope: str = "tenant"
     preemption_mode: str = "recompute"
     swap_space_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         _require(self.preemption_mode in ("recompute", "swap", "auto"),
                  "preemption_mode must be recompute, swap or auto", "preemption_mode")
+        _require(self.prefix_cache_scope in PREFIX_CACHE_SCOPES,
+                 f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPES}", "prefix_cache_scope")
         _require(self.swap_space_bytes > 0, "swap_space_bytes must be positive", "swap_space_bytes")
         _require(self.kv_allocation in KV_ALLOCATIONS,
                  f"kv_allocation must be one of {KV_ALLOCATIONS}", "kv_allocation")

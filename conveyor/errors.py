@@ -18,6 +18,24 @@ class InvalidRequestError(ConveyorError, ValueError):
         self.param = param
 
 
+class ConfigError(InvalidRequestError):
+    """A start-up option cannot work on this machine or with the other options (e.g. a CPU feature
+    it needs is missing); the message names the option, what is missing and what to change."""
+
+
+def check_text(text: str, param: str, what: str | None = None) -> None:
+    """Raise ``InvalidRequestError`` for field ``param`` if ``text`` is not valid Unicode (a lone
+    surrogate such as JSON's ``"\\ud800"`` cannot be encoded, tokenized or sent back); ``what``
+    names the value in the message (default: ``param``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{what or param} is not valid Unicode text (a lone surrogate "
+            f"U+{ord(text[exc.start]):04X} at character {exc.start}); send UTF-8 text",
+            param) from None
+
+
 class ModelLoadError(ConveyorError):
     """A model could not be found or loaded; the message says what to do about it."""
 

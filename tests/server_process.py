@@ -20,15 +20,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m conveyor.cli serve --port P <args>``; output goes to a temporary log file."""
+    """``python -m conveyor.cli serve --port P <args>``; output goes to a temporary log file.
+    ``script`` runs that Python file instead of the CLI, with the same flags after it;
+    ``omp_threads`` is its OMP_NUM_THREADS (1 suits tiny models on a busy machine)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, script: str | None = None, omp_threads: int = 2):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="conveyor-serve-", suffix=".log")
-        cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--port", str(self.port),
+        entry = [script] if script else ["-m", "conveyor.cli", "serve"]
+        cmd = [sys.executable, *entry, "--port", str(self.port),
                "--dtype", "float32", "--log-level", "warning", *args]
-        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_healthy(self, timeout: float = 180.0) -> "ServerProcess":

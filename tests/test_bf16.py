@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_engine
-from conveyor.platform import cpu_info
+from conveyor import platform
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.engine import LLMEngine
 
@@ -20,8 +20,8 @@ def _engine(path, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_info().has_native_bf16 and not torch.cuda.is_available(),
-                    reason="bf16 is emulated (about 100x slower) on CPUs without avx512_bf16/AMX")
+@pytest.mark.skipif(not torch.cuda.is_available() and not platform.cpu_info().has_native_bf16,
+                    reason=f"bf16 is emulated here: {platform.cpu_info().missing('native_bf16')}")
 def test_bf16_logprobs_close_to_fp32_and_greedy_mostly_agrees(smollm2_path):
     outs = {}
     for dtype in ("float32", "bfloat16"):

@@ -1,14 +1,17 @@
 """The CPU fast paths against their plain-PyTorch references: the fused C++ element-wise ops
 (RMSNorm, residual add + RMSNorm, RoPE, KV write), oneDNN-prepacked linears, and a whole model
 with both switched on vs off on ragged batches (chunked prefills, decodes, block tables with
-holes, lengths that are not multiples of the block size), in fp32 and bf16."""
+holes, lengths that are not multiples of the block size), in fp32 and bf16; bf16 linears are
+prepacked only where ``platform`` says oneDNN can (``bf16_prepack``), and run plain elsewhere."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from cpu_features import requires_cpu
 from torch import nn
 
+from conveyor import platform
 from conveyor.attention import cpu_kernel
 from conveyor.attention.backend import write_kv
 from conveyor.models.config import ArchConfig
@@ -21,6 +24,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.is_available(), reason="C++ ker
 needs_onednn = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
                                   reason="no oneDNN in this torch build")
 DTYPES = [torch.float32, torch.bfloat16]
+PACKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=requires_cpu("bf16_prepack"))]
 ops = torch.ops.conveyor_cpu if cpu_kernel.is_available() else None
 
 
@@ -119,7 +123,7 @@ def test_silu_and_mul_matches_reference(dtype):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_packed_linear_equals_f_linear(dtype, bias, rows):
@@ -134,6 +138,23 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_strided, want, **tol)
+
+
+@needs_onednn
+def test_bf16_linears_stay_plain_where_onednn_cannot_prepack_them(monkeypatch):
+    """A Zen 3 (AVX2, no AVX-512): oneDNN refuses the bf16 reorder there, so bf16 layers keep
+    ``nn.Linear`` (and still compute); fp32 layers are packed as everywhere."""
+    monkeypatch.setattr(platform, "cpu_info",
+                        lambda: platform.CpuInfo.of({"avx", "avx2", "fma", "f16c"}))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 64, generator=gen)
+    for dtype, want_packed in ((torch.bfloat16, 0), (torch.float32, 2)):
+        model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32)).to(dtype)
+        with torch.inference_mode():
+            want = model(x.to(dtype))
+            assert pack_linears(model) == want_packed
+            close(model(x.to(dtype)), want, dtype)
+    assert not packing_supported(torch.device("cpu"), torch.bfloat16)
 
 
 def _ragged_inputs(cfg: ArchConfig, dtype, seed: int):

@@ -1,18 +1,22 @@
 """``--quantization int8``: the C++ quantize / rescale ops against their torch references, the int8
 linear against float math on the same integers, a whole tiny model int8 vs fp32 on ragged
-batches, and an int8 engine end to end (outputs close to fp32, every KV block back)."""
+batches, and an int8 engine end to end (outputs close to fp32, every KV block back). The int8
+GEMMs run only on CPUs with VNNI (they skip naming it elsewhere); without it int8 is refused."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from cpu_features import requires_cpu
 from test_fused_ops import _ragged_inputs, tiny_arch
 from torch import nn
 
+from conveyor import platform
 from conveyor.attention import cpu_kernel
-from conveyor.errors import InvalidRequestError
+from conveyor.errors import ConfigError, InvalidRequestError
 from conveyor.models.int8 import (
     Int8Linear,
+    check_supported,
     dequantize_rows_reference,
     int8_supported,
     quantize_linears,
@@ -24,7 +28,8 @@ from conveyor.models.packed import num_parameters, pack_linears
 from conveyor.models.rope import RotaryEmbedding
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.is_available(), reason="C++ kernel not built here")
-needs_int8 = pytest.mark.skipif(not int8_supported(), reason="no oneDNN qlinear in this torch")
+needs_onednn_int8 = pytest.mark.skipif(not int8_supported(), reason="no oneDNN qlinear in this torch")
+needs_vnni = requires_cpu("vnni")
 DTYPES = [torch.float32, torch.bfloat16]
 TEXTS = ["The capital of France is", "One, two, three, four,", "def add(a, b):\n    return"]
 
@@ -85,7 +90,8 @@ def test_quantize_ops_check_their_arguments():
         torch.ops.conveyor_cpu.dequantize_rows(x, x.bfloat16(), f, f, torch.empty(8))
 
 
-@needs_int8
+@needs_onednn_int8
+@needs_vnni
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 64, 130])
 def test_int8_linear_is_integer_math_on_the_quantized_values(dtype, rows):
@@ -116,7 +122,8 @@ def test_int8_linear_is_integer_math_on_the_quantized_values(dtype, rows):
         torch.testing.assert_close(plain.float(), got.float(), rtol=8e-3, atol=1e-3)
 
 
-@needs_int8
+@needs_onednn_int8
+@needs_vnni
 @pytest.mark.parametrize("seed", [0, 1])
 def test_int8_model_stays_close_to_fp32_on_ragged_batches(seed):
     cfg = tiny_arch()
@@ -144,7 +151,8 @@ def test_int8_model_stays_close_to_fp32_on_ragged_batches(seed):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
-@needs_int8
+@needs_onednn_int8
+@needs_vnni
 def test_int8_engine_runs_close_to_fp32_and_frees_every_block():
     from engine_helpers import NUM_BLOCKS, greedy
 
@@ -174,3 +182,35 @@ def test_unknown_quantization_is_a_clear_error():
     from conveyor.serving.engine import engine_config_from_kwargs
     with pytest.raises(InvalidRequestError, match="quantization must be one of"):
         engine_config_from_kwargs(quantization="fp4")
+
+
+@pytest.mark.parametrize("cpu", ["zen3", "skylake_x", "alder_lake"])
+def test_int8_is_refused_where_the_gemm_would_saturate(monkeypatch, cpu):
+    """Without VNNI oneDNN's u8 x s8 GEMM saturates (vpmaddubsw sums in int16): refused at start
+    in one line naming the feature, before any weight is read; with avx_vnni it runs."""
+    from test_platform import CPUS
+
+    from conveyor.serving.engine import LLMEngine
+    from conveyor.weights import loader
+    monkeypatch.setattr(platform, "cpu_info", lambda: platform.CpuInfo.of(CPUS[cpu]))
+    model = nn.Sequential(nn.Linear(8, 8))
+    if cpu == "alder_lake":
+        check_supported(torch.device("cpu"))
+        return
+    with pytest.raises(ConfigError, match="--quantization int8 needs CPU feature vnni"):
+        check_supported(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="vnni"):
+        quantize_linears(model)
+    assert type(model[0]) is nn.Linear
+    monkeypatch.setattr(loader, "load_checkpoint", lambda path: pytest.fail("weights read"))
+    with pytest.raises(ConfigError, match="vnni"):
+        LLMEngine.from_kwargs(attention_backend="sdpa", dtype="float32", quantization="int8",
+                              num_blocks=8)
+
+
+def test_int8_is_refused_off_the_cpu_and_in_float16():
+    from conveyor.serving.engine import engine_config_from_kwargs
+    with pytest.raises(ConfigError, match="CPU only"):
+        check_supported(torch.device("meta"))
+    with pytest.raises(InvalidRequestError, match="float32 or bfloat16, not float16"):
+        engine_config_from_kwargs(quantization="int8", dtype="float16")

@@ -178,20 +178,23 @@ def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, 
                                                         kv_allocation, preemption, prefix_caching,
                                                         shared):
     worst = max(p + m for p, m, _ in lens)
-    if not chunked:
-        budget = max(budget, worst)
     num_blocks = -(-worst // block_size) + spare_blocks
     core, runner = make_core(num_blocks, block_size, budget, max_seqs, worst, chunked, batching,
                              kv_allocation, preemption if batching == "continuous" else "recompute",
                              prefix_caching and batching == "continuous")
     pending = sorted(((arr, i, p, m) for i, (p, m, arr) in enumerate(lens)), key=lambda x: x[0])
-    outs, step = {}, 0
+    outs, step, refused = {}, 0, set()
     while pending or core.has_unfinished_requests():
         while pending and pending[0][0] <= step:
             _, i, p, m = pending.pop(0)
             r = req(i, p, m)
             if not shared:      # distinct prompts; shared ones exercise prefix-cache hits
                 r.prompt_token_ids = [t + 1000 * i for t in r.prompt_token_ids]
+            if not chunked and batching == "continuous" and p > budget:
+                with pytest.raises(InvalidRequestError, match="--no-chunked-prefill"):
+                    core.add_request(r)      # it could never be prefilled in one step
+                refused.add(i)
+                continue
             core.add_request(r)
         for o in core.step():
             outs.setdefault(o.request_id, []).extend(o.new_token_ids)
@@ -202,9 +205,9 @@ def test_property_random_workloads_finish_within_limits(lens, budget, max_seqs, 
             assert sched.token_budget() == budget
         step += 1
         assert step < 20_000, "scheduler made no progress"
-    assert {int(k) for k in outs} == set(range(len(lens)))
+    assert {int(k) for k in outs} == set(range(len(lens))) - refused
     for i, (p, m, _) in enumerate(lens):
-        assert len(outs[str(i)]) == m
+        assert i in refused or len(outs[str(i)]) == m
     core.check_invariants()
     assert core.kv_manager.pool.num_free_blocks == num_blocks
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from engine_helpers import assert_all_blocks_free, prompt, small_engine
 
+from conveyor.serving.auth import ApiKey
 from conveyor.serving.server import ServerConfig, build_app, run_on_own_thread
 
 
@@ -133,7 +134,9 @@ def test_http_timeout_priority_and_tenant_reach_the_engine(engine, monkeypatch):
         return timed_out, tagged
 
     # The timeout must abort a 370-token generation yet let a 2-token one finish on a busy machine.
-    app = build_app(ServerConfig(api_keys=("a", "b"), request_timeout=2.0), lambda: engine)
+    # "a" is a trusted gateway (it may name the tenant); "b" is its own tenant, key1
+    keys = (ApiKey("a", trusted=True), "b")
+    app = build_app(ServerConfig(api_keys=keys, request_timeout=2.0), lambda: engine)
     timed_out, tagged = asyncio.run(_serve_in_process(app, scenario))
     choice = timed_out.json()["choices"][0]
     assert choice["finish_reason"] == "abort" and timed_out.json()["usage"]["completion_tokens"] < 370

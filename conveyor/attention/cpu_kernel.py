@@ -8,13 +8,16 @@ residual-add + RMSNorm, RoPE, KV write and SwiGLU, used by ``conveyor.models.lla
 Invariants:
 - Importing this module compiles nothing; the first ``KernelLoader.available()`` builds (once
   per machine, into ``~/.cache/conveyor/ext/<hash>``; the hash covers the source, compiler,
-  flags, CPU flags, torch and Python versions) or loads the cached build.
+  flags, CPU flags (host and usable), torch and Python versions) or loads the cached build.
 - The build runs at most once per process: a lock serialises callers, and torch's file baton in
   the build directory serialises processes. The outcome is remembered; a failure is logged once
   (and marked on disk, so later processes skip the attempt) and callers fall back to
   ``SplitAttention``. Nothing in conveyor needs a compiler.
-- ``CONVEYOR_DISABLE_CPU_KERNEL=1`` forces the fallback; ``CONVEYOR_CPU_KERNEL_ARCH`` overrides
-  the target flags (default -march=native).
+- The target follows ``conveyor.platform``, not the compiler's host: ``KernelArch`` (generic,
+  avx2, avx512, avx512_bf16) is the best the CPU runs under ``ONEDNN_MAX_CPU_ISA``, or the one
+  ``CONVEYOR_CPU_KERNEL_ARCH`` names (refused if the CPU cannot run it); a value starting with
+  "-" is taken as compiler flags, as given. ``-mtune=native`` only tunes, it adds no ISA.
+- ``CONVEYOR_DISABLE_CPU_KERNEL=1`` forces the fallback.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from typing import Callable
 
 import torch
 
+from conveyor import platform
 from conveyor.attention.backend import AttentionMetadata, SplitAttention, write_kv
-from conveyor.platform import cpu_info
+from conveyor.errors import ConfigError
+from conveyor.platform import KernelArch, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,10 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)          # the C++ switch in run_dim
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _EXT_NAME = "conveyor_paged_attention"
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]
+_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512_FLAGS = [*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ARCH_FLAGS = {KernelArch.GENERIC: [], KernelArch.AVX2: _AVX2_FLAGS, KernelArch.AVX512: _AVX512_FLAGS,
+              KernelArch.AVX512_BF16: [*_AVX512_FLAGS, "-mavx512bf16"]}
 _FAILED_MARKER = "build_failed.txt"
 _STALE_LOCK_S = 600.0
 
@@ -60,28 +69,36 @@ def _compiler() -> str:
     return path
 
 
-def _arch_flags() -> list[str]:
-    """``CONVEYOR_CPU_KERNEL_ARCH`` if set (e.g. "-mavx2 -mfma" to build for older CPUs), else
-    -march=native where the compiler accepts it, else the AVX2 baseline, else nothing."""
-    override = os.environ.get("CONVEYOR_CPU_KERNEL_ARCH")
-    if override is not None:
+def _compiler_accepts(flags: list[str]) -> bool:
+    probe = subprocess.run([_compiler(), *flags, "-x", "c++", "-E", "-", "-o", os.devnull],
+                           input=b"", capture_output=True)
+    return probe.returncode == 0
+
+
+def arch_flags() -> list[str]:
+    """Target flags of the build: ``CONVEYOR_CPU_KERNEL_ARCH`` as compiler flags when it starts
+    with "-", else those of ``platform.resolve_kernel_arch`` (plus -mtune=native where the
+    compiler takes it). Raises KernelUnavailable for an arch the CPU cannot run."""
+    override = os.environ.get(platform.KERNEL_ARCH_ENV, "").strip()
+    if override.startswith("-"):
         return override.split()
-    candidates = [["-march=native"]]
-    if {"avx2", "fma"} <= cpu_info().flags:
-        candidates.append(["-mavx2", "-mfma"])
-    for flags in candidates:
-        probe = subprocess.run([_compiler(), *flags, "-x", "c++", "-E", "-", "-o", os.devnull],
-                               input=b"", capture_output=True)
-        if probe.returncode == 0:
-            return flags
-    return []
+    try:
+        arch = platform.resolve_kernel_arch(override)
+    except ConfigError as exc:
+        raise KernelUnavailable(str(exc)) from exc
+    flags = list(ARCH_FLAGS[arch])
+    if not _compiler_accepts(flags):
+        raise KernelUnavailable(f"{_compiler()} does not take {' '.join(flags)} (arch {arch.value})")
+    return flags + (["-mtune=native"] if _compiler_accepts(["-mtune=native"]) else [])
 
 
 def build_dir(flags: list[str]) -> Path:
     """Cache directory of the build for this source, toolchain, flags and CPU."""
     version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True).stdout
+    cpu = cpu_info()
     key = "\n".join([*(src.read_text() for src in SOURCES + HEADERS), version, " ".join(flags),
-                     " ".join(sorted(cpu_info().flags)), torch.__version__, sys.version])
+                     " ".join(sorted(cpu.flags)), " ".join(sorted(cpu.host_flags)),
+                     torch.__version__, sys.version])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "conveyor" / "ext" / digest
@@ -118,7 +135,7 @@ def build_and_load() -> None:
     from torch.utils import cpp_extension   # heavy import, only when building
     if not cpp_extension.is_ninja_available():
         raise KernelUnavailable("ninja not found (pip install ninja)")
-    flags = _arch_flags() + _COMMON_FLAGS
+    flags = arch_flags() + _COMMON_FLAGS
     directory = build_dir(flags)
     marker = directory / _FAILED_MARKER
     if marker.exists():
@@ -133,7 +150,8 @@ def build_and_load() -> None:
     except Exception as exc:   # compiler/linker errors arrive as several exception types
         marker.write_text(f"{type(exc).__name__}: {exc}\n")
         raise KernelUnavailable(f"build failed: {exc}") from exc
-    log.info("cpu attention kernel ready in %.1fs (%s)", time.perf_counter() - start, directory)
+    log.info("cpu attention kernel ready in %.1fs (%s; %s)", time.perf_counter() - start,
+             " ".join(flags), directory)
 
 
 class KernelLoader:

@@ -10,7 +10,8 @@ import torch
 
 def default_backend(device: torch.device | str) -> str:
     """"cpu" (the C++ paged-attention kernel) on a CPU device where that kernel builds, else
-    "sdpa". The first call on a CPU device may compile the kernel (once per machine, cached)."""
+    "sdpa". The first call on a CPU device may compile the kernel (once per machine and target,
+    cached), for the target ``platform`` picks (``platform.resolve_kernel_arch``)."""
     if torch.device(device).type != "cpu":
         return "sdpa"
     from conveyor.attention import cpu_kernel   # lazy: keeps importing this module cheap

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -96,13 +97,16 @@ class StreamResponse:
 class StreamingPost:
     """``async with StreamingPost(endpoint, path, body, headers) as resp:`` — one POST on its own
     connection, closed on exit. No read timeout here: the caller bounds the whole exchange once
-    (a timer per read would cost more than the read)."""
+    (a timer per read would cost more than the read). ``receive_buffer`` (bytes) makes a slow
+    reader: the socket's kernel receive buffer and the stream's buffer that small, so a client
+    that reads slowly makes the server's writes back up instead of piling up in buffers."""
 
     def __init__(self, endpoint: Endpoint, path: str, body: dict, headers: dict[str, str],
-                 connect_timeout_s: float = 30.0):
+                 connect_timeout_s: float = 30.0, receive_buffer: int | None = None):
         self.endpoint, self.path, self.headers = endpoint, path, headers
         self.payload = json.dumps(body).encode()
         self.connect_timeout_s = connect_timeout_s
+        self.receive_buffer = receive_buffer
         self._writer: asyncio.StreamWriter | None = None
 
     def _request_head(self) -> bytes:
@@ -115,9 +119,7 @@ class StreamingPost:
 
     async def __aenter__(self) -> StreamResponse:
         ep = self.endpoint
-        reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(ep.host, ep.port, ssl=True if ep.tls else None,
-                                    limit=1 << 20), self.connect_timeout_s)
+        reader, self._writer = await asyncio.wait_for(self._connect(), self.connect_timeout_s)
         self._writer.write(self._request_head() + self.payload)
         await self._writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
@@ -131,6 +133,25 @@ class StreamingPost:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         return StreamResponse(int(fields[1]), headers, reader)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ep = self.endpoint
+        ssl = True if ep.tls else None
+        if self.receive_buffer is None:
+            return await asyncio.open_connection(ep.host, ep.port, ssl=ssl, limit=1 << 20)
+        info = await asyncio.get_running_loop().getaddrinfo(ep.host, ep.port,
+                                                            type=socket.SOCK_STREAM)
+        family, _, _, _, address = info[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, ssl=ssl, limit=self.receive_buffer,
+                                             server_hostname=ep.host if ep.tls else None)
 
     async def __aexit__(self, *exc) -> None:
         if self._writer is not None:

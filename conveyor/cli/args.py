@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-chunked-prefill", action="store_true")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--prefix-cache-scope", default="tenant", choices=["tenant", "global"],
+                   help="tenant: each tenant only hits its own cached prefixes (default); "
+                        "global: share them across tenants (reveals shared prompts' cache hits)")
     g.add_argument("--batching", default="continuous", choices=["continuous", "static", "dynamic"],
                    help="scheduling policy; static/dynamic are the measured baselines")
     g.add_argument("--batch-timeout", type=float, default=None,
@@ -65,7 +68,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 num_blocks=args.num_kv_blocks, kv_cache_bytes=args.kv_cache_memory,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
-                enable_prefix_caching=not args.no_prefix_caching, batching=args.batching,
+                enable_prefix_caching=not args.no_prefix_caching,
+                prefix_cache_scope=args.prefix_cache_scope, batching=args.batching,
                 batch_timeout_s=args.batch_timeout, kv_allocation=args.kv_allocation,
                 fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args),
                 preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space)

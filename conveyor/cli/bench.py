@@ -1,8 +1,10 @@
-"""``conveyor bench offline | serve | compare | scenario``: measure serving policies on a workload.
+"""``conveyor bench offline | serve | compare | scenario | soak``: measure serving policies on a
+workload, or soak a running server.
 
 Thin: turns flags into a workload, an arrival process and engine keyword arguments (or a
 scenario's parameters), then calls ``conveyor.bench``. Every run writes ``report.json`` and PNG
-plots into ``--output-dir`` and prints a table. See docs/bench.md.
+plots into ``--output-dir`` and prints a table; ``soak`` writes ``soak.json`` and exits 1 when a
+check fails. See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -53,6 +55,33 @@ def add_parser(sub) -> None:
     add_engine_args(cmp)
     cmp.set_defaults(func=run_compare_cmd)
     _add_scenario_parsers(bench_sub)
+    _add_soak_parser(bench_sub)
+
+
+def _add_soak_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("soak", help="valid, invalid, cancelled and slow clients against a "
+                                          "server on this machine; checks it comes through whole")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="loopback server root")
+    p.add_argument("--duration", default="20m", help="90, 90s, 20m, 1h (after the warm-up)")
+    p.add_argument("--warmup", default=None,
+                   help="at least this long (default: a tenth of --duration, 5 s to 120 s), "
+                        "then until RSS settles")
+    p.add_argument("--max-warmup", default=None,
+                   help="at most this long (default: a quarter of --duration)")
+    p.add_argument("--concurrency", type=int, default=8, help="clients, one request at a time each")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default=None, help="default: first of GET /v1/models")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="read RSS from /proc (default: /metrics process_resident_memory_bytes)")
+    p.add_argument("--max-requests", type=int, default=200_000, help="stop after this many")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="the server's body cap (oversize clients send a bit more)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request limit in seconds")
+    p.add_argument("--rss-tolerance", type=float, default=0.10,
+                   help="allowed RSS growth after the warm-up (0.10 = 10%%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=None, help="default bench-results/soak-<date>")
+    p.set_defaults(func=run_soak_cmd)
 
 
 # Scenario runs default to a batch of 16 and a 1024-token context (a small KV cache per engine).
@@ -242,3 +271,25 @@ def run_scenario_cmd(args) -> int:
                        scenario=args.scenario)
     section = {"name": result.name, "params": result.params, "findings": result.findings}
     return _finish(meta, result.runs, args, f"scenario-{args.scenario}", section)
+
+
+def run_soak_cmd(args) -> int:
+    """Exit 0 when every check passed, 1 otherwise; writes soak.json into the output directory."""
+    import json
+
+    from conveyor.bench.soak import SoakConfig, format_report, parse_duration, run_soak
+    config = SoakConfig(args.base_url, parse_duration(args.duration), args.concurrency,
+                        parse_duration(args.warmup) if args.warmup else None,
+                        parse_duration(args.max_warmup) if args.max_warmup else None,
+                        args.api_key, args.model, args.server_pid, args.max_requests,
+                        args.max_body_bytes, args.timeout, rss_tolerance=args.rss_tolerance,
+                        seed=args.seed)
+    report = run_soak(config)
+    out_dir = _out_dir(args, "soak")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "soak.json")
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=1)
+    print(format_report(report))
+    print(f"report: {path}")
+    return 0 if report.passed else 1

@@ -101,6 +101,16 @@ class BlockPool:
         self._hash_of[block_id] = block_hash
         self._cached[block_hash] = block_id
 
+    def uncache_block(self, block_id: int) -> None:
+        """Forget the cached content of a held block (it may be corrupt): no later request can
+        take it from the cache; its holders keep it. Idempotent."""
+        h = self._hash_of[block_id]
+        if h is None or self._ref_counts[block_id] == 0:
+            return                                   # free blocks are counted in _num_cached_free
+        self._hash_of[block_id] = None
+        if self._cached.get(h) == block_id:
+            del self._cached[h]
+
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 

@@ -2,23 +2,33 @@
 
 The core owns requests, the scheduler and the KV block bookkeeping; the model runner it drives
 is anything with ``execute(SchedulerOutput) -> ModelRunnerOutput`` (the real one lives in
-``conveyor.runner``; tests pass fakes). No torch here.
+``conveyor.runner``; tests pass fakes). No torch here. Structured outputs: a request whose
+grammar is still compiling waits in ``grammar_wait`` (``core.grammar_wait``) until a step finds
+it ready; each step's ``SchedulerOutput.grammar`` holds the bitmask of the constrained requests
+that sample in it. A request the runner reports as failed
+(``ModelRunnerOutput.failed``) finishes with "error" in that step, its blocks uncached and freed;
+the step and every other request go on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Protocol
 
 from conveyor.config import SchedulerConfig
 from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
+from conveyor.core.grammar_wait import GrammarWaitQueue, grammar_bitmask
 from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput, StepStats
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
 from conveyor.core.swap import SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
+
+
+logger = logging.getLogger("conveyor")
 
 
 class Executor(Protocol):
@@ -31,15 +41,18 @@ class EngineCore:
     def __init__(self, executor: Executor, scheduler_config: SchedulerConfig, num_blocks: int,
                  block_size: int, max_model_len: int, clock=time.monotonic,
                  kv_allocation: str = "paged", record_steps: bool = False,
-                 enable_prefix_caching: bool = False, swap: SwapManager | None = None):
-        """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks)."""
+                 enable_prefix_caching: bool = False, swap: SwapManager | None = None,
+                 isolate_tenants: bool = True):
+        """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks);
+        isolate_tenants: the prefix cache is per tenant (see ``KVCacheManager``)."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.clock = clock
         self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size,
                                          reserve_full=kv_allocation == "reservation",
-                                         enable_prefix_caching=enable_prefix_caching)
+                                         enable_prefix_caching=enable_prefix_caching,
+                                         isolate_tenants=isolate_tenants)
         if scheduler_config.batching == "continuous":
             self.scheduler = Scheduler(scheduler_config, self.kv_manager, max_model_len, clock, swap)
         else:
@@ -47,45 +60,85 @@ class EngineCore:
                                             scheduler_config.launch_timeout_s, clock)
         self.num_steps = 0
         self.step_log: list[StepStats] | None = [] if record_steps else None
+        self.grammar_wait = GrammarWaitQueue()   # structured outputs still compiling
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; raises if it can never run (so it is not retried forever)."""
-        if request.request_id in self.scheduler.requests:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-        worst = request.num_prompt_tokens + request.max_tokens
+    def check_request_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise if a request of this size could never run (it would wait at the queue head
+        forever): the context length, the KV pool, the scheduling policy's budget."""
+        worst = num_prompt_tokens + max_tokens
         if worst > self.max_model_len:
             raise InvalidRequestError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceeds the context length {self.max_model_len}; shorten the prompt or lower "
-                "max_tokens", "max_tokens")
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"context length {self.max_model_len}; shorten the prompt or lower max_tokens",
+                "max_tokens")
         if self.kv_manager.num_blocks_for(worst) > self.kv_manager.pool.num_blocks:
             raise CapacityError(
                 f"request needs {self.kv_manager.num_blocks_for(worst)} KV blocks but the cache has "
                 f"{self.kv_manager.pool.num_blocks}; raise the KV cache size or lower max_tokens")
+        self.scheduler.check_request_fits(num_prompt_tokens)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises if it can never run (so it is not retried forever)."""
+        if request.request_id in self.scheduler.requests or request.request_id in self.grammar_wait:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        self.check_request_fits(request.num_prompt_tokens, request.max_tokens)
         if not request.arrival_time:
             request.arrival_time = self.clock()
-        self.scheduler.add_request(request)
+        if not self.grammar_wait.hold(request, self.clock()):
+            self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids, reason: FinishReason = FinishReason.ABORT) -> list[Request]:
-        """Finish requests in any state now; their KV blocks return to the pool in this call."""
-        return self.scheduler.finish_requests(request_ids, reason)
+        """Finish requests in any state now; their KV blocks return to the pool in this call,
+        and, when nothing else is left to run, the runner drops their state now too."""
+        done = self.grammar_wait.finish(request_ids, reason, self.clock())
+        done += self.scheduler.finish_requests(request_ids, reason)
+        self._tell_runner_if_idle()
+        return done
+
+    def _tell_runner_if_idle(self) -> None:
+        """No step follows when nothing is left to run: hand the runner the finished ids now."""
+        notice = self.scheduler.idle_output()
+        if notice is not None:
+            self.executor.execute(notice)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.grammar_wait)
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one iteration. Returns the requests that got a token (or finished) this step."""
         start = self.clock()
+        ready, failed = self.grammar_wait.poll(start)
+        for request in ready:
+            self.scheduler.add_request(request)
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and not sched_out.finished_request_ids:
-            return []
+            return failed
+        sched_out.grammar = grammar_bitmask(sched_out, self.scheduler.requests)
         runner_out = self.executor.execute(sched_out)
-        outputs = self.scheduler.update_from_output(sched_out, runner_out)
+        failed = failed + self._fail_requests(runner_out.failed)
+        outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
         if self.step_log is not None and not sched_out.is_empty:
             stats = self.scheduler.last_stats
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)
         self.num_steps += 1
+        self._tell_runner_if_idle()
+        return outputs
+
+    def _fail_requests(self, reasons: dict[str, str]) -> list[EngineCoreOutput]:
+        """Finish with "error" the requests whose own work failed in the runner (``reasons``:
+        request id -> why), before this step's update could register their blocks in the prefix
+        cache: their blocks leave the cache (they may hold NaN) and return to the pool now."""
+        outputs = []
+        for rid, why in reasons.items():
+            req = self.scheduler.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            logger.warning("request %s failed alone and was finished with an error: %s", rid, why)
+            self.kv_manager.uncache(req)
+            self.scheduler.finish_requests([rid], FinishReason.ERROR)
+            outputs.append(EngineCoreOutput(rid, [], finish_reason=FinishReason.ERROR.value,
+                                            error=why))
         return outputs
 
     def check_invariants(self) -> None:

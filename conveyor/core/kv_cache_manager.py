@@ -6,10 +6,13 @@ preempted request holds none; every block's reference count equals the number of
 contain it.
 
 Prefix caching: a full, computed block is named by a chained hash of (parent hash, its token
-ids, extra keys such as a per-request cache salt). The hash is keyed BLAKE2b with a secret drawn
-per process, so clients cannot forge collisions or probe another salt's entries offline. A new
-request reuses the longest chain of cached full blocks of its tokens, always leaving at least its
-last token to compute (its logits are needed).
+ids); the first block's parent is the request's extra keys: its tenant (unless tenants share the
+cache, ``isolate_tenants=False``) and its ``cache_salt``, length-prefixed so that no two
+(tenant, salt) pairs collide. So a request only ever hits blocks cached under its own tenant and
+salt, and a cache hit (``num_cached_tokens``, timing) reveals nothing about other tenants' prompts.
+The hash is keyed BLAKE2b with a secret drawn per process, so clients cannot forge collisions or
+probe another salt's entries offline. A new request reuses the longest chain of cached full blocks
+of its tokens, always leaving at least its last token to compute (its logits are needed).
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ class KVCacheManager:
     """Allocates blocks as a request's tokens grow, shares cached prefixes, frees on exit."""
 
     def __init__(self, block_pool: BlockPool, block_size: int, reserve_full: bool = False,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, isolate_tenants: bool = True):
         """reserve_full: allocate prompt + max_tokens at admission (the Orca-era reservation
-        baseline) instead of growing block by block (paged)."""
+        baseline) instead of growing block by block (paged). isolate_tenants: the tenant is part
+        of every block's hash (False: tenants share cached prefixes; the salt still counts)."""
         self.pool = block_pool
         self.block_size = block_size
         self.reserve_full = reserve_full
         self.enable_prefix_caching = enable_prefix_caching
+        self.isolate_tenants = isolate_tenants
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}   # chained hashes of each request's full blocks
         self._num_cached: dict[str, int] = {}       # leading blocks already registered in the pool
@@ -56,7 +61,7 @@ class KVCacheManager:
         """Chained hashes of the request's full blocks, extended as its tokens grow."""
         hashes = self._hashes.setdefault(request.request_id, [])
         tokens, bs = request.all_token_ids, self.block_size
-        parent = hashes[-1] if hashes else request.cache_salt.encode()
+        parent = hashes[-1] if hashes else self._root_hash(request)
         for b in range(len(hashes), len(tokens) // bs):
             h = hashlib.blake2b(array("q", tokens[b * bs:(b + 1) * bs]).tobytes(),
                                 key=self._key, digest_size=16, person=b"conveyor-kv")
@@ -64,6 +69,15 @@ class KVCacheManager:
             parent = h.digest()
             hashes.append(parent)
         return hashes
+
+    def _root_hash(self, request: Request) -> bytes:
+        """The first block's parent: the request's extra keys (tenant, cache salt)."""
+        h = hashlib.blake2b(key=self._key, digest_size=16, person=b"conveyor-root")
+        for extra in (request.tenant if self.isolate_tenants else "", request.cache_salt):
+            data = extra.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.digest()
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """Cached blocks covering the longest prefix of the request's tokens (not its last)."""
@@ -106,6 +120,15 @@ class KVCacheManager:
         for b in range(done, full):
             self.pool.cache_block(table[b], hashes[b])
         self._num_cached[rid] = full
+
+    def uncache(self, request: Request) -> None:
+        """Drop every block the request holds from the prefix cache, the ones it adopted from
+        the cache included (a NaN may have come from them), and register none of its blocks any
+        more: call before freeing a request whose KV may be corrupt, so that no later request
+        adopts it. Requests holding the same blocks keep them, uncached."""
+        for block in self._tables.get(request.request_id, ()):
+            self.pool.uncache_block(block)
+        self._num_cached[request.request_id] = len(self._tables.get(request.request_id, ()))
 
     # ------------------------------------------------------------------ allocation
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from conveyor.sampling_params import SamplingParams
+from conveyor.structured.request_state import GrammarBitmask
 
 
 @dataclass(slots=True)
@@ -50,6 +51,9 @@ class SchedulerOutput:
     # the forward pass.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Structured outputs: the allowed next tokens of the constrained requests that sample this
+    # step (filled by EngineCore after schedule(); None when no such request samples).
+    grammar: GrammarBitmask | None = None
 
     @property
     def num_padding_tokens(self) -> int:
@@ -68,6 +72,10 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     logprobs: list[float] | None = None                      # of the sampled token, per row
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Requests whose own work failed this step (request id -> why): a non-finite logit row, a
+    # seed the generator refused, a row the sampler raised on. They got no token; the core
+    # finishes them with "error" and never caches their blocks. Everyone else is unaffected.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -81,6 +89,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None        # FinishReason value
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None                # why it finished with "error" (e.g. its grammar)
 
 
 @dataclass(slots=True)

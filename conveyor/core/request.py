@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from conveyor.sampling_params import SamplingParams
+from conveyor.structured.request_state import StructuredRequest
 
 
 class RequestStatus(enum.Enum):
@@ -53,7 +54,9 @@ class Request:
     """One generation request as the core sees it: token ids in, token ids out.
 
     max_tokens is resolved (never None) by the engine before the request reaches the core.
-    Times are ``time.monotonic()`` seconds; 0.0 means "not yet".
+    Times are ``time.monotonic()`` seconds; 0.0 means "not yet". ``structured`` (structured
+    outputs) holds the request's grammar matcher, which has consumed exactly
+    ``output_token_ids``; it is released when the request finishes.
     """
 
     request_id: str
@@ -75,6 +78,7 @@ class Request:
     first_scheduled_time: float = 0.0
     first_token_time: float = 0.0
     finished_time: float = 0.0
+    structured: StructuredRequest | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,7 +100,15 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def append_output_token(self, token: int) -> None:
+        """Append a sampled token (and advance the grammar matcher, if any, by it)."""
+        self.output_token_ids.append(token)
+        if self.structured is not None:
+            self.structured.accept(token)
+
     def finish(self, reason: FinishReason, now: float, stop_reason: int | str | None = None) -> None:
+        if self.structured is not None:
+            self.structured.release()
         self.status = _STATUS_FOR_REASON[reason]
         self.finish_reason = reason
         self.stop_reason = stop_reason
@@ -107,10 +119,15 @@ def check_stop(request: Request, max_model_len: int) -> tuple[FinishReason, int 
     """Token-level stop check after a token was appended; stop strings are checked on text elsewhere.
 
     Returns (reason, stop_reason) or None. EOS and stop_token_ids only count once min_tokens exist
-    (the sampler also bans them before that, this is the backstop).
+    (the sampler also bans them before that, this is the backstop). With structured outputs, a
+    token the grammar rejected is an error and a complete grammar is a stop (it takes no more).
     """
     params = request.sampling_params
     last = request.output_token_ids[-1]
+    if request.structured is not None and request.structured.rejected:
+        return FinishReason.ERROR, None
+    if request.structured is not None and request.structured.is_terminated:
+        return FinishReason.STOP, None
     if request.num_output_tokens >= params.min_tokens:
         if not params.ignore_eos and last in request.eos_token_ids:
             return FinishReason.STOP, None

@@ -10,103 +10,34 @@ served first (by priority, then arrival), then waiting ones in the ``RequestQueu
 When the pool cannot supply a running request's next blocks, the lowest-priority (then newest)
 running request is preempted by recompute (blocks freed, progress reset, back to the waiting
 queue); waiting requests are not admitted in a step that preempted that way. A waiting request of
-strictly higher priority that finds no slot or no blocks preempts the lowest-priority running one.
+strictly higher priority (or, under fair scheduling, of a tenant below its share) that finds no
+slot or no blocks preempts a running one (``slot_reclaim``).
 
-Invariants asserted at the end of ``schedule()``: tokens scheduled <= budget, slot holders <=
-``max_num_seqs``, every scheduled request is running.
+Liveness: ``schedule()`` does a bounded number of iterations (each admits a request that waited
+when the step began or preempts one that ran then); a request preempted in a step is never
+re-admitted in it, and a request admitted or swapped in during a step is never preempted in it.
+Without chunked prefill a prompt is prefilled in one step, so a prompt longer than the budget is
+refused at entry (``check_request_fits``); a resumed request longer than the budget is chunked.
+
+Invariants asserted at the end of ``schedule()`` (``SchedulerState.check_step_invariants``):
+tokens scheduled <= budget, slot holders <= ``max_num_seqs``, every scheduled request is running,
+no request both running and waiting. Request placement and what the runner is told live in
+``scheduler_state``.
 """
 
 from __future__ import annotations
 
-import heapq
-import time
-
-from conveyor.config import SchedulerConfig
-from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                    EngineCoreOutput, SchedulerOutput, StepStats)
-from conveyor.core.request import FinishReason, Request, RequestStatus, check_stop
-from conveyor.core.request_queue import RequestQueue
+from conveyor.core.request import Request, RequestStatus, check_stop
+from conveyor.core.scheduler_state import SchedulerState
 from conveyor.core.slot_reclaim import admission_victim
-from conveyor.core.swap import SwapManager
 
 
-class Scheduler:
+class Scheduler(SchedulerState):
     """Decides each step's batch and applies each step's sampled tokens."""
 
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int,
-                 clock=time.monotonic, swap: SwapManager | None = None):
-        self.config = config
-        self.kv = kv_manager
-        self.max_model_len = max_model_len
-        self.clock = clock
-        self.requests: dict[str, Request] = {}
-        self.waiting = RequestQueue(config.fair_scheduling, config.tenant_weights_dict)
-        self.running: list[Request] = []
-        self._finished_ids: set[str] = set()     # to tell the runner at the next schedule()
-        self._runner_known: set[str] = set()     # requests the runner holds state for
-        self.swap = swap
-        self._swap_out: list[tuple[int, int]] = []   # copies for the runner at the next step
-        self._swap_in: list[tuple[int, int]] = []
-        self.num_preemptions_total = 0
-        self.num_preemptions_by_mode = {"recompute": 0, "swap": 0}
-        self.last_stats = StepStats()
-        self.slot_of: dict[str, int] = {}        # batch slot held by each admitted request
-        self._free_slots = list(range(config.max_num_seqs))
-
-    # ------------------------------------------------------------------ batch slots
-    def _take_slot(self, req: Request) -> None:
-        self.slot_of[req.request_id] = heapq.heappop(self._free_slots)
-
-    def _release_slot(self, request_id: str) -> None:
-        slot = self.slot_of.pop(request_id, None)
-        if slot is not None:
-            heapq.heappush(self._free_slots, slot)
-
-    # ------------------------------------------------------------------ requests in and out
-    def add_request(self, request: Request) -> None:
-        self.requests[request.request_id] = request
-        self.waiting.add(request)
-
-    def finish_requests(self, request_ids, reason: FinishReason,
-                        stop_reason: int | str | None = None) -> list[Request]:
-        """Finish (abort, stop-string) requests in any state; their blocks are freed now."""
-        done = []
-        for rid in request_ids:
-            req = self.requests.get(rid)
-            if req is None or req.is_finished:
-                continue
-            if req.status == RequestStatus.RUNNING:
-                self.running.remove(req)
-            else:
-                self.waiting.remove(req)
-            req.finish(reason, self.clock(), stop_reason)
-            if self.swap is not None:
-                self.swap.free(req)
-            self._free(req)
-            done.append(req)
-        return done
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def _free(self, req: Request) -> None:
-        """A finished request leaves: blocks back to the pool, slot released, runner told."""
-        self.kv.free(req)
-        self._release_slot(req.request_id)
-        self._forget(req)
-
-    def _forget(self, req: Request) -> None:
-        self.kv.forget(req)
-        self.requests.pop(req.request_id, None)
-        if req.request_id in self._runner_known:
-            self._runner_known.discard(req.request_id)
-            self._finished_ids.add(req.request_id)
-
     # ------------------------------------------------------------------ schedule
-    def token_budget(self) -> int:
-        return self.config.max_num_batched_tokens
-
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
@@ -141,35 +72,39 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, budget, num_scheduled, new_blocks, preempted) -> list[Request]:
-        admitted = []
-        while self.waiting and budget > 0:
+        admitted: list[Request] = []
+        admitted_ids: set[str] = set()       # never a victim in this step (nor swapped out)
+        preempted_ids: set[str] = set()      # never re-admitted in this step
+        # Each pass admits a request that waited when the step began or preempts one that ran
+        # then, or ends the loop: the bound holds whatever the queue's order says.
+        for _ in range(len(self.waiting) + len(self.running) + 1):
             req = self.waiting.peek()
+            if req is None or budget <= 0 or req.request_id in preempted_ids:
+                break
             blocks = self._allocate_with_prefix_cache(req, budget) if self._free_slots else None
             if blocks is None:
-                victim = self._admission_victim(req)
+                victim = admission_victim(req, self.running, admitted_ids, self.waiting,
+                                          self.config.max_num_seqs)
                 if victim is None:
                     break
                 budget += num_scheduled.pop(victim.request_id, 0)
                 new_blocks.pop(victim.request_id, None)
-                if victim in admitted:
-                    admitted.remove(victim)
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
+                preempted_ids.add(victim.request_id)
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             self.waiting.pop()
             self._admit(req)
             admitted.append(req)
+            admitted_ids.add(req.request_id)
             num_scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
+        else:
+            raise AssertionError("schedule() exceeded its iteration bound")
         return admitted
-
-    def _admission_victim(self, req: Request) -> Request | None:
-        """Who makes room for a waiting request that found no slot or blocks (``slot_reclaim``)."""
-        return admission_victim(req, self.running, self.waiting.fair, self.config.max_num_seqs,
-                                self.config.tenant_weights_dict)
 
     def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
         """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
@@ -179,8 +114,11 @@ class Scheduler:
         hits = self.kv.get_computed_blocks(req)
         self.kv.take_computed_blocks(req, hits)
         remaining = req.num_tokens - req.num_computed_tokens
+        # Without chunking a prefill waits for a step with budget for all of it, unless it is
+        # longer than any budget (a resumed request: prompt + output): then it is chunked.
+        whole = not self.config.enable_chunked_prefill and remaining <= self.token_budget()
         blocks = None
-        if self.config.enable_chunked_prefill or remaining <= budget:
+        if not whole or remaining <= budget:
             blocks = self.kv.allocate_slots(req, min(remaining, budget))
         if blocks is None:
             self.kv.free(req)
@@ -219,8 +157,8 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions_total += 1
-        self._runner_known.discard(req.request_id)
-        self.waiting.add(req)
+        self._runner_known.discard(req.request_id)     # it comes back as new (seen stays)
+        self.waiting.requeue(req)
 
     def _build_output(self, num_scheduled, new_blocks, preempted, admitted,
                       padding_seq_lens: list[int] | None = None) -> SchedulerOutput:
@@ -236,13 +174,16 @@ class Scheduler:
                     rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
                     list(self.kv.block_table(rid)), req.num_computed_tokens))
                 self._runner_known.add(rid)
+                self._runner_seen.add(rid)
         total = sum(num_scheduled.values())
         out = SchedulerOutput(new_reqs, cached, num_scheduled, total, self._finished_ids,
                               {r.request_id for r in preempted}, padding_seq_lens or [],
                               self._swap_out, self._swap_in)
         self._finished_ids, self._swap_out, self._swap_in = set(), [], []
+        if self.swap is not None:
+            self.swap.end_step()
         self._record_stats(out, admitted, len(preempted))
-        self._check_step_invariants(out)
+        self.check_step_invariants(out)
         return out
 
     def _record_stats(self, out: SchedulerOutput, admitted, num_preempted: int) -> None:
@@ -250,12 +191,6 @@ class Scheduler:
                                             len(self.waiting), self.config.max_num_seqs,
                                             len(admitted), num_preempted, self.kv.pool.usage,
                                             self.slot_of)
-
-    def _check_step_invariants(self, out: SchedulerOutput) -> None:
-        assert out.total_num_scheduled_tokens <= self.token_budget()
-        assert len(self.slot_of) <= self.config.max_num_seqs
-        for rid in out.num_scheduled_tokens:
-            assert self.requests[rid].status == RequestStatus.RUNNING
 
     # ------------------------------------------------------------------ update
     def update_from_output(self, sched: SchedulerOutput,
@@ -279,7 +214,7 @@ class Scheduler:
     def _append_token(self, req: Request, row: int, ro: ModelRunnerOutput,
                       now: float) -> EngineCoreOutput:
         token = ro.sampled_token_ids[row]
-        req.output_token_ids.append(token)
+        req.append_output_token(token)
         if not req.first_token_time:
             req.first_token_time = now
         out = EngineCoreOutput(

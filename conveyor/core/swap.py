@@ -3,7 +3,9 @@ copied back when it resumes, instead of being recomputed.
 
 The core only does the bookkeeping (which device block goes to which host block); the runner does
 the copies at the start of the next step, swap-outs before swap-ins, before the forward pass, so
-a device block freed by a swap-out can be reused in the same step. ``mode``:
+a device block freed by a swap-out can be reused in the same step. For the same reason the host
+blocks a swap-in reads are released only when the step's copies have been handed out
+(``end_step``): a swap-out in the same step must not overwrite them first. ``mode``:
 
 - "recompute": never swap (the default);
 - "swap": swap whenever the host pool has room, else recompute;
@@ -37,6 +39,7 @@ class SwapManager:
         self.mode = mode
         self.costs = costs
         self._host_tables: dict[str, list[int]] = {}
+        self._read_this_step: list[int] = []     # host blocks this step's swap-ins copy from
         self.num_swap_outs = 0
 
     def is_swapped(self, request: Request) -> bool:
@@ -58,10 +61,17 @@ class SwapManager:
         return list(zip(device_blocks, host))
 
     def swap_in(self, request: Request, device_blocks: list[int]) -> list[tuple[int, int]]:
-        """Release the request's host blocks; (host, device) copy pairs into ``device_blocks``."""
+        """(host, device) copy pairs into ``device_blocks``; the host blocks are released at
+        ``end_step`` (after this step's copies)."""
         host = self._host_tables.pop(request.request_id)
-        self.pool.free(host)
+        self._read_this_step += host
         return list(zip(host, device_blocks[:len(host)]))
+
+    def end_step(self) -> None:
+        """This step's copies are handed to the runner: host blocks read by swap-ins are free."""
+        if self._read_this_step:
+            self.pool.free(self._read_this_step)
+            self._read_this_step = []
 
     def free(self, request: Request) -> None:
         host = self._host_tables.pop(request.request_id, None)
@@ -70,6 +80,6 @@ class SwapManager:
 
     def check_invariant(self) -> None:
         self.pool.check_invariant()
-        held = sum(len(t) for t in self._host_tables.values())
+        held = sum(len(t) for t in self._host_tables.values()) + len(self._read_this_step)
         if held + self.pool.num_free_blocks != self.pool.num_blocks:
             raise AssertionError("host swap pool leaked blocks")

@@ -6,7 +6,10 @@ and histograms are fed by ``on_outputs`` with each batch of request outputs. Inv
 
 - every token counted once: ``generation_tokens_total`` adds each output's ``delta_token_ids``;
 - every finished choice is counted once in ``request_success_total{finished_reason}``;
-- per-request timing state is dropped when the request finishes.
+- per-request timing state is dropped when the request finishes;
+- ``engine_stalled`` is 1 exactly while the engine's watchdog says it is stalled (work pending,
+  no step finished for the watchdog timeout), read at scrape time so it is current even while
+  the engine thread is stuck.
 
 Thread-safe: ``on_outputs`` runs on the engine thread while scrapes run on the event loop.
 """
@@ -16,7 +19,8 @@ from __future__ import annotations
 import threading
 from typing import Callable, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +46,34 @@ class Snapshot(Protocol):
     prefix_cache_queries: int
     prefix_cache_hits: int
     preemptions_by_mode: tuple[tuple[str, int], ...]
+
+
+class Watchdog(Protocol):
+    """What the stall metrics read (``conveyor.serving.async_engine.AsyncEngine`` has these)."""
+
+    is_stalled: bool
+    num_stalls: int
+
+    def stall_seconds(self) -> float: ...
+
+
+class _WatchdogCollector(Collector):
+    def __init__(self, read: Callable[[], Watchdog | None]):
+        self._read = read
+
+    def collect(self):
+        watchdog = self._read()
+        if watchdog is None:
+            return
+        yield GaugeMetricFamily(PREFIX + "engine_stalled",
+                                "1 while the engine has work and finished no step for the "
+                                "watchdog timeout.", value=int(watchdog.is_stalled))
+        yield GaugeMetricFamily(PREFIX + "engine_stall_seconds",
+                                "Seconds the engine has had work without finishing a step.",
+                                value=watchdog.stall_seconds())
+        yield CounterMetricFamily(PREFIX + "engine_stalls",
+                                  "Times the watchdog found the engine stalled.",
+                                  value=watchdog.num_stalls)
 
 
 class _SnapshotCollector(Collector):
@@ -84,7 +116,8 @@ class _SnapshotCollector(Collector):
 class ServingMetrics:
     """Prometheus metrics of one server; ``render()`` gives the text exposition format."""
 
-    def __init__(self, read_snapshot: Callable[[], Snapshot | None]):
+    def __init__(self, read_snapshot: Callable[[], Snapshot | None],
+                 read_watchdog: Callable[[], Watchdog | None] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
@@ -104,6 +137,9 @@ class ServingMetrics:
                                     "Arrival to first scheduled.", buckets=_REQUEST_BUCKETS,
                                     registry=r)
         r.register(_SnapshotCollector(read_snapshot))
+        ProcessCollector(registry=r)     # process_resident_memory_bytes & co., as vLLM exposes
+        if read_watchdog is not None:
+            r.register(_WatchdogCollector(read_watchdog))
         self._last_output_time: dict[str, float] = {}
         self._lock = threading.Lock()
 

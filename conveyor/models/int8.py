@@ -16,7 +16,9 @@ for small decode batches.
 
 Invariants: only layer GEMMs are quantized, never the LM head (it decides the token); the output
 has the input's dtype (fp32 or bf16), rounded once from fp32; the torch references and the C++
-ops give identical ints and scales.
+ops give identical ints and scales. It runs only where ``platform.cpu_info().has_vnni``
+(``check_supported``, at start): without VNNI oneDNN's u8 x s8 GEMM sums pairs of products in
+int16 (vpmaddubsw) and saturates, so it would compute wrong values rather than slow ones.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import logging
 import torch
 from torch import nn
 
+from conveyor import platform
+from conveyor.errors import ConfigError
 from conveyor.models.packed import linear_children
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,19 @@ def int8_supported() -> bool:
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.onednn, "qlinear_prepack")
             and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+
+
+def check_supported(device: torch.device) -> None:
+    """Raise ConfigError (one line saying what to change) unless int8 GEMMs run correctly here:
+    a CPU device, a torch with oneDNN's quantized linear, and a CPU with VNNI."""
+    if device.type != "cpu":
+        raise ConfigError(f"--quantization int8 runs on the CPU only, not {device.type}; "
+                          "drop --quantization or use --device cpu", "quantization")
+    if not int8_supported():
+        raise ConfigError("--quantization int8 needs a torch with oneDNN "
+                          "(torch.ops.onednn.qlinear_pointwise); drop --quantization",
+                          "quantization")
+    platform.require("vnni", "--quantization int8")
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +132,9 @@ class Int8Linear(nn.Module):
 def quantize_linears(model: nn.Module, fused: bool | None = None) -> int:
     """Replace every ``nn.Linear`` of ``model`` but ``lm_head`` by an ``Int8Linear`` (call it before
     ``pack_linears``); returns how many. ``fused``: quantize activations with the C++ op (None:
-    wherever conveyor's CPU extension builds)."""
+    wherever conveyor's CPU extension builds). Raises ConfigError where int8 cannot run
+    (``check_supported``)."""
+    check_supported(next(model.parameters()).device)
     if fused is None:
         from conveyor.attention.cpu_kernel import is_available   # lazy: may build the extension
         fused = is_available()

@@ -9,7 +9,9 @@ backend and torch.compile's freezing pass do the same prepacking.
 Invariants:
 - Packing changes the layout, not the maths: outputs equal ``F.linear``'s up to summation order
   (tested; F.linear itself picks other kernels for some shapes, e.g. gemv for one row).
-- Only CPU modules in fp32 or bf16 are packed, and only where this torch build has oneDNN;
+- Only CPU modules in fp32 or bf16 are packed, only where this torch build has oneDNN, and bf16
+  only where ``platform.cpu_info().can_prepack_bf16`` (oneDNN refuses the bf16 reorder without
+  AVX-512 core or AVX-NE-CONVERT: plain bf16 linears still run there, slowly);
   ``CONVEYOR_DISABLE_PACKED_LINEAR=1`` turns it off. Anything else keeps ``nn.Linear``.
 - The plain weight is dropped after packing (no second copy in memory); ``num_parameters``
   counts it from ``in_features x out_features``.
@@ -23,13 +25,18 @@ import os
 import torch
 from torch import nn
 
+from conveyor import platform
+
 log = logging.getLogger(__name__)
 
 _BATCH_HINT = 64   # oneDNN's layout choice barely depends on it for these shapes (measured 1-256)
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether linears of this device and dtype get prepacked (see the invariants above)."""
     if os.environ.get("CONVEYOR_DISABLE_PACKED_LINEAR") == "1":
+        return False
+    if dtype == torch.bfloat16 and not platform.cpu_info().can_prepack_bf16:
         return False
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()

@@ -2,6 +2,9 @@
 
 Owns the KV cache tensors (one ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per
 layer), the per-request token state and generators. Returns plain lists (``ModelRunnerOutput``).
+Work that belongs to one request (its generator, its logits row, its sampling) fails that request
+alone: it is reported in ``ModelRunnerOutput.failed`` (``row_sampling``) and the step goes on.
+Only the forward pass itself, which serves the whole batch, may raise out of ``execute``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import torch
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.models.llama import LlamaForCausalLM
 from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
+from conveyor.runner.row_sampling import sample_isolated
 from conveyor.sampling import Sampler, SamplingMetadata, is_plain_greedy
+from conveyor.sampling.constraints import GrammarMask
+from conveyor.structured.request_state import GrammarBitmask
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
@@ -44,7 +50,7 @@ class ModelRunner:
         default.manual_seed(seed)
         self.sampler = Sampler(default)
 
-    def _update_states(self, sched: SchedulerOutput) -> None:
+    def _update_states(self, sched: SchedulerOutput, failed: dict[str, str]) -> None:
         for rid in sched.finished_request_ids:
             self.states.pop(rid, None)
             self.generators.pop(rid, None)
@@ -57,8 +63,12 @@ class ModelRunner:
                 new.num_computed_tokens)
             seed = new.sampling_params.seed
             if seed is not None and new.request_id not in self.generators:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(seed)
+                try:
+                    g = torch.Generator(device=self.device)
+                    g.manual_seed(seed)
+                except Exception as exc:  # noqa: BLE001 - its own value: it alone fails
+                    failed[new.request_id] = f"seed {seed} was refused by the generator: {exc}"
+                    continue
                 self.generators[new.request_id] = g
         for cached in sched.cached_requests:
             st = self.states[cached.request_id]
@@ -79,39 +89,63 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        failed: dict[str, str] = {}
         self._swap(sched)
-        self._update_states(sched)
+        self._update_states(sched, failed)
         if sched.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], [], failed=failed)
         batch = build_flat_batch(sched, self.states, self.block_size, self.device,
                                  self.scratch_block)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, H]
         for rid, n in sched.num_scheduled_tokens.items():
             self.states[rid].num_computed_tokens += n
         if batch.logits_indices.numel() == 0:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], [], failed=failed)
         logits = self.model.compute_logits(hidden[batch.logits_indices])              # [N + P, V]
         if not batch.sample_request_ids:
-            return ModelRunnerOutput([], [])
-        return self._sample(logits[:len(batch.sample_request_ids)], batch.sample_request_ids)
+            return ModelRunnerOutput([], [], failed=failed)
+        return self._sample(logits[:len(batch.sample_request_ids)], batch.sample_request_ids,
+                            sched.grammar, failed)
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> ModelRunnerOutput:
+    def _sample(self, logits: torch.Tensor, request_ids: list[str],
+                grammar: GrammarBitmask | None, failed: dict[str, str]) -> ModelRunnerOutput:
+        out = sample_isolated(logits, request_ids,
+                              lambda rows, ids: self._sample_batch(rows, ids, grammar), failed)
+        for rid, token in zip(out.request_ids, out.sampled_token_ids):
+            self.states[rid].token_ids.append(token)
+        return out
+
+    def _sample_batch(self, logits: torch.Tensor, request_ids: list[str],
+                      grammar: GrammarBitmask | None):
+        """(tokens, logprobs, top logprobs) of rows ``logits`` ``[n, vocab]``; no state changes."""
         states = [self.states[rid] for rid in request_ids]
         if all(_plain_greedy(st) for st in states):
             # what the Sampler would do for these rows, without building its metadata
-            tokens = logits.argmax(dim=-1).tolist()
-            for st, token in zip(states, tokens):
-                st.token_ids.append(token)
-            return ModelRunnerOutput(request_ids, tokens)
+            return logits.argmax(dim=-1).tolist(), None, None
         md = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], [self.generators.get(rid) for rid in request_ids],
-            self.eos_token_ids, self.vocab_size, logits.device)
+            self.eos_token_ids, self.vocab_size, logits.device,
+            _grammar_mask(grammar, request_ids, logits.device))
         out = self.sampler(logits, md)
-        for st, token in zip(states, out.sampled_token_ids):
-            st.token_ids.append(token)
-        return ModelRunnerOutput(request_ids, out.sampled_token_ids, out.logprobs, out.top_logprobs)
+        return out.sampled_token_ids, out.logprobs, out.top_logprobs
 
 
 def _plain_greedy(st: CachedRequestState) -> bool:
     return is_plain_greedy(st.sampling_params, len(st.token_ids) - st.num_prompt_tokens)
+
+
+def _grammar_mask(grammar: GrammarBitmask | None, request_ids: list[str],
+                  device: torch.device) -> GrammarMask | None:
+    """The core's bitmask rows placed at their requests' sampling rows (of those sampled here:
+    a failed row is not)."""
+    if grammar is None:
+        return None
+    row_of = {rid: i for i, rid in enumerate(request_ids)}
+    present = [j for j, rid in enumerate(grammar.request_ids) if rid in row_of]
+    if not present:
+        return None
+    bitmask = grammar.bitmask if len(present) == len(grammar.request_ids) else \
+        grammar.bitmask[present]
+    return GrammarMask.from_rows([row_of[grammar.request_ids[j]] for j in present], bitmask,
+                                 device)

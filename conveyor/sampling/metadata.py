@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from conveyor.sampling.constraints import GrammarMask, LogitBias
 from conveyor.sampling.penalties import token_counts, token_presence
 from conveyor.sampling_params import SamplingParams
 
@@ -45,6 +46,8 @@ class SamplingMetadata:
         banned_token_ids: per row, ids forced to -inf this step (min_tokens not yet reached:
             EOS ids and stop_token_ids, restricted to ids < vocab_size).
         vocab_size: width of the logits this metadata was built for.
+        grammar: the allowed-token bitmask of the rows with structured outputs (None if none).
+        logit_bias: the (row, token, bias) triples of rows with a ``logit_bias`` (None if none).
     """
 
     temperature: torch.Tensor
@@ -65,6 +68,8 @@ class SamplingMetadata:
     max_num_logprobs: int | None
     banned_token_ids: list[list[int]]
     vocab_size: int
+    grammar: GrammarMask | None = None
+    logit_bias: LogitBias | None = None
 
     @property
     def num_rows(self) -> int:
@@ -74,7 +79,7 @@ class SamplingMetadata:
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
               output_token_ids: list[list[int]], generators: list[torch.Generator | None],
               eos_token_ids: frozenset[int], vocab_size: int,
-              device: torch.device | str) -> SamplingMetadata:
+              device: torch.device | str, grammar: GrammarMask | None = None) -> SamplingMetadata:
         """Batch one step's requests into tensors on ``device``.
 
         All lists are per row and must have the same length. ``output_token_ids[i]`` is the
@@ -113,7 +118,8 @@ class SamplingMetadata:
                    output_token_counts=counts, generators=list(generators),
                    all_greedy=all_greedy, all_random=all_random, num_logprobs=num_logprobs,
                    max_num_logprobs=max(asked) if asked else None, banned_token_ids=banned,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, grammar=grammar,
+                   logit_bias=LogitBias.build(params, vocab_size, device))
 
 
 def _optional(values: list, neutral, dtype: torch.dtype,
@@ -145,10 +151,12 @@ def _history(params: list[SamplingParams], prompts: list[list[int]], outputs: li
 
 def is_plain_greedy(p: SamplingParams, num_output_tokens: int) -> bool:
     """Whether the Sampler's token for this row is just the argmax of the raw logits: greedy,
-    no logprobs, no penalty, and nothing banned (min_tokens reached, see ``_banned_ids``)."""
+    no logprobs, no penalty, no logit bias, no structured outputs, and nothing banned
+    (min_tokens reached, see ``_banned_ids``)."""
     return (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-            and num_output_tokens >= p.min_tokens)
+            and num_output_tokens >= p.min_tokens and p.logit_bias is None
+            and p.structured_outputs is None)
 
 
 def _banned_ids(p: SamplingParams, output: list[int], eos_token_ids: frozenset[int],

@@ -1,7 +1,8 @@
 """Token sampling for one engine step: logits ``[n, vocab]`` -> one token id per row.
 
 Owns the order of logit processing (vLLM semantics): logprobs are taken from the raw logits;
-then banned ids -> -inf, repetition, frequency and presence penalties; greedy rows take the
+then the grammar bitmask of constrained rows and banned ids -> -inf, ``logit_bias`` added,
+repetition, frequency and presence penalties; greedy rows take the
 argmax of the penalised logits; random rows divide by temperature, apply top-k, top-p and min-p,
 and sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from conveyor.sampling.constraints import apply_grammar_mask, apply_logit_bias
 from conveyor.sampling.metadata import SamplingMetadata
 from conveyor.sampling.penalties import apply_banned_tokens, apply_penalties
 
@@ -45,12 +47,15 @@ class SamplerOutput:
 
 
 def processed_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """A float32 copy of ``logits`` ``[n, vocab]`` with banned ids and penalties applied.
+    """A float32 copy of ``logits`` ``[n, vocab]`` with grammar masks, banned ids, logit bias
+    and penalties applied.
 
     Greedy rows sample the argmax of this tensor.
     """
     work = logits.to(torch.float32, copy=True)  # [n, vocab]
+    apply_grammar_mask(work, md.grammar)
     apply_banned_tokens(work, md.banned_token_ids)
+    apply_logit_bias(work, md.logit_bias)
     apply_penalties(work, md)
     return work
 
@@ -173,9 +178,11 @@ class Sampler:
 
 
 def _untouched_by_processing(md: SamplingMetadata) -> bool:
-    """No banned ids and no penalty this step: ``processed_logits`` would return a plain copy."""
+    """No grammar, banned ids, bias or penalty this step: ``processed_logits`` would return a
+    plain copy."""
     return (md.repetition_penalty is None and md.frequency_penalty is None
-            and md.presence_penalty is None and not any(md.banned_token_ids))
+            and md.presence_penalty is None and not any(md.banned_token_ids)
+            and md.grammar is None and md.logit_bias is None)
 
 
 def _gather_logprobs(raw: torch.Tensor | None, sampled: torch.Tensor, md: SamplingMetadata

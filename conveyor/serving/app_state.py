@@ -13,21 +13,20 @@ copy and the single thread it runs on, the metrics, and the draining flag. Invar
 
 from __future__ import annotations
 
-import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastapi import Request
 
 from conveyor.metrics.prometheus import ServingMetrics
+from conveyor.serving.admission import check_prompt_chars
 from conveyor.serving.async_engine import AsyncEngine
+from conveyor.serving.auth import ANONYMOUS, ApiKey, Identity, KeyRing, check_keys, resolve
 from conveyor.serving.tenant_limits import TenantLimiter
 from conveyor.serving.http_errors import ApiError
 from conveyor.serving.protocol import RequestLimits
-
-_MAX_TENANT_CHARS = 128
+from conveyor.serving.tokenizer_pool import TokenizerPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +34,20 @@ class ServerConfig:
     """HTTP-side limits and identity; engine sizing lives in the engine's own config.
 
     served_model_name: the name clients must use (None: the model path's basename).
-    api_keys: accepted bearer tokens; empty means no authentication.
+    api_keys: accepted keys (``ApiKey``, or a plain string for a key with default rights);
+      empty means no authentication. See ``serving.auth`` for what a key's identity allows.
     request_timeout: seconds after which a request is aborted (None: never).
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM.
+    stream_write_timeout: seconds a client may leave output unread before its request is aborted.
+    watchdog_timeout: seconds the engine may have work and finish no step before ``/health``
+      says 503 "stalled" (None: no watchdog).
+    max_tokenizer_queue_chars: characters of prompts queued for tokenization beyond which new
+      requests get 429 at once.
+    tool_call_parser: ``--tool-call-parser`` (``conveyor.tools.formats``); None: from the model.
     """
 
     served_model_name: str | None = None
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey | str, ...] = ()
     max_body_bytes: int = 1 << 20
     max_waiting_requests: int = 1024
     max_n: int = 8
@@ -49,6 +55,14 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     tenant_max_concurrency: int | None = None
     tenant_max_tokens_per_minute: int | None = None
+    stream_write_timeout: float | None = 30.0
+    watchdog_timeout: float | None = 60.0
+    max_tokenizer_queue_chars: int = 4 << 20
+    tool_call_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        keys = tuple(k if isinstance(k, ApiKey) else ApiKey(k) for k in self.api_keys)
+        object.__setattr__(self, "api_keys", check_keys(keys))
 
 
 @dataclass(slots=True)
@@ -66,11 +80,14 @@ class AppState:
     max_model_len: int = 0
     load_error: str | None = None
     draining: bool = False
-    tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="conveyor-tokenizer"))
+    max_prompt_chars: int = 0          # admission.py's character bound (0 until loaded)
+    tokenizer_pool: TokenizerPool = field(init=False)
     tenant_limiter: TenantLimiter = field(init=False)
+    key_ring: KeyRing = field(init=False)
 
     def __post_init__(self) -> None:
+        self.tokenizer_pool = TokenizerPool(self.config.max_tokenizer_queue_chars)
+        self.key_ring = KeyRing(self.config.api_keys)
         self.tenant_limiter = TenantLimiter(self.config.tenant_max_concurrency,
                                             self.config.tenant_max_tokens_per_minute)
 
@@ -85,16 +102,22 @@ class AppState:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model", code="model_not_found")
 
-    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the tokenizer thread (the only user of ``self.tokenizer``)."""
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+    async def run_tokenizer(self, fn: Callable[..., Any], *args: Any, cost: int = 1) -> Any:
+        """Run ``fn(*args)`` on the tokenizer thread (the only user of ``self.tokenizer``);
+        ``cost`` is its size in characters (``TokenizerPool``: order and queue bound)."""
+        return await self.tokenizer_pool.run(fn, *args, cost=cost)
 
     async def token_texts(self, token_ids: set[int]) -> dict[int, str]:
         """Each id's text (as decoding it alone gives), for logprobs."""
         ids = sorted(token_ids)
         texts = await self.run_tokenizer(
-            lambda: [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids])
+            lambda: [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+            cost=4 * len(ids))
         return dict(zip(ids, texts))
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """400 before tokenizing a prompt too long for the context under any tokenization."""
+        check_prompt_chars(num_chars, self.max_prompt_chars, self.max_model_len)
 
     def check_prompt_length(self, num_tokens: int) -> None:
         if num_tokens >= self.max_model_len:
@@ -133,21 +156,6 @@ def _too_large(max_bytes: int) -> ApiError:
 
 
 def request_identity(request: Request, body_priority: int | None) -> tuple[int, str]:
-    """(priority, tenant): body ``priority`` > ``X-Priority`` header > 0; ``X-Tenant`` header >
-    the API key's index (``key0``, ``key1``...) > ``default``."""
-    priority = body_priority
-    header = request.headers.get("x-priority")
-    if priority is None and header is not None:
-        try:
-            priority = int(header)
-        except ValueError:
-            raise ApiError(400, f"X-Priority must be an integer, got {header!r}",
-                           param="X-Priority") from None
-    tenant = request.headers.get("x-tenant", "").strip()
-    if len(tenant) > _MAX_TENANT_CHARS:
-        raise ApiError(400, f"X-Tenant must be at most {_MAX_TENANT_CHARS} characters",
-                       param="X-Tenant")
-    if not tenant:
-        key_index = request.scope.get("state", {}).get("api_key_index")
-        tenant = f"key{key_index}" if key_index is not None else "default"
-    return priority or 0, tenant
+    """(priority, tenant) of a request, as its API key's identity allows (``serving.auth``)."""
+    identity: Identity = request.scope.get("state", {}).get("identity", ANONYMOUS)
+    return resolve(identity, request.headers, body_priority)

@@ -24,6 +24,9 @@ from conveyor.models.packed import num_parameters
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.output_processor import OutputProcessor
+from conveyor.serving.request_checks import (check_request_args, prompt_to_ids,
+                                             resolve_max_tokens)
+from conveyor.structured.manager import StructuredOutputManager
 from conveyor.serving.outputs import RequestOutput
 from conveyor.tokenizer import load_tokenizer
 from conveyor.weights.loader import build_model, resolve_model_path
@@ -37,7 +40,8 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
     model_keys = {"model", "dtype", "device", "max_model_len", "seed", "quantization"}
     cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
-                  "enable_prefix_caching", "preemption_mode", "swap_space_bytes"}
+                  "enable_prefix_caching", "prefix_cache_scope", "preemption_mode",
+                  "swap_space_bytes"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
                   "batch_timeout_s", "fair_scheduling", "tenant_weights"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
@@ -79,8 +83,11 @@ class LLMEngine:
         self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
                                kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
                                enable_prefix_caching=config.cache.enable_prefix_caching
-                               and config.scheduler.batching == "continuous", swap=swap)
+                               and config.scheduler.batching == "continuous", swap=swap,
+                               isolate_tenants=config.cache.prefix_cache_scope == "tenant")
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
+        self.structured = StructuredOutputManager(self.tokenizer.hf, arch.vocab_size,
+                                                  self.eos_token_ids)
         self._ids = itertools.count()
         logger.info("model %s (%s) on %s, dtype %s%s, attention %s; %s", self.model_path,
                     arch.architecture, self.device, self.dtype,
@@ -135,11 +142,20 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, arrival_time: float | None = None,
                     priority: int = 0, tenant: str = "", cache_salt: str = "") -> str:
-        """Validate, tokenize and queue a request (n > 1 fans out). Returns its id."""
-        params = params or SamplingParams()
+        """Validate, tokenize and queue a request (n > 1 fans out). Returns its id.
+
+        Every value is checked here, once (``SamplingParams`` at its construction, the rest in
+        ``request_checks``): a bad one raises ``InvalidRequestError`` naming the field and
+        nothing is queued. What passes cannot make a later step fail.
+        """
+        params = SamplingParams() if params is None else params
+        vocab = self.model.config.vocab_size
+        check_request_args(params, vocab, request_id, priority, tenant, cache_salt, arrival_time)
         request_id = request_id if request_id is not None else str(next(self._ids))
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        prompt_text, prompt_ids = prompt_to_ids(prompt, self.tokenizer, vocab)
+        max_tokens = resolve_max_tokens(len(prompt_ids), params, self.max_model_len)
+        self.core.check_request_fits(len(prompt_ids), max_tokens)
+        self.structured.check(params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = []
         for i in range(params.n):
@@ -148,7 +164,8 @@ class LLMEngine:
                 child_params = _replace_seed(params, params.seed + i)
             children.append(Request(
                 f"{request_id}#{i}" if params.n > 1 else request_id, prompt_ids, child_params,
-                max_tokens, self.eos_token_ids, arrival, priority, tenant, cache_salt))
+                max_tokens, self.eos_token_ids, arrival, priority, tenant, cache_salt,
+                structured=self.structured.request_state(child_params, self.core.clock())))
         self.output_processor.add(request_id, prompt_text, prompt_ids, params, children)
         try:
             for child in children:
@@ -157,36 +174,6 @@ class LLMEngine:
             self.abort_request(request_id)
             raise
         return request_id
-
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
-        if not prompt:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
-        return None, list(prompt)
-
-    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        if num_prompt >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt} tokens but the context length is {self.max_model_len};"
-                " shorten the prompt", "prompt")
-        room = self.max_model_len - num_prompt
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
-            raise InvalidRequestError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}; lower max_tokens to at most {room}", "max_tokens")
-        return params.max_tokens
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Abort a request (all its children) in any state; KV blocks are freed now."""
@@ -207,5 +194,6 @@ class LLMEngine:
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    """A child's own params: one sequence with its own seed (the parent checked seed + n - 1)."""
     import dataclasses
-    return dataclasses.replace(params, seed=seed)
+    return dataclasses.replace(params, seed=seed, n=1)

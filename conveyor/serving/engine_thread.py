@@ -9,9 +9,13 @@ Owns the command inbox (event loop -> thread), the step loop, and the hand-back 
 - With no command and no unfinished request the thread sleeps on a condition variable; when
   requests exist but a step scheduled nothing (static/dynamic batching waiting to launch a batch)
   it waits ``_STALL_WAIT_S`` for commands before stepping again, instead of spinning.
-- Outputs handed back are fresh objects with deltas recomputed from the cumulative text and
-  tokens; their lists are the output processor's per-step snapshots, which nothing mutates, so
-  the loop side never sees an object this thread will change again.
+- Outputs handed back are the output processor's fresh per-step objects, passed on as they are:
+  their deltas are what is new since the request's previous output and their cumulative lists
+  are O(1) views that never change, so hand-back costs O(new tokens) and the loop side never sees
+  an object this thread will change again.
+- Heartbeat: ``last_beat`` is set whenever the thread takes commands and after every iteration;
+  ``stall_seconds()`` is how long there has been work (a live request, or a command not yet
+  taken) without either, which is what the watchdog reports.
 - Every request that was added gets exactly one finished output: "stop", "length", "abort", or
   "error" when ``step()`` raised. After an error the thread exits and the inbox refuses adds.
 """
@@ -70,6 +74,7 @@ class AddCommand:
     tenant: str
     arrival_time: float
     on_added: Callable[[BaseException | None], None]
+    cache_salt: str = ""
 
 
 @dataclass(slots=True)
@@ -89,6 +94,7 @@ class Inbox:
     def __init__(self):
         self._cond = threading.Condition()
         self._batch = _Batch()
+        self.pending_since: float | None = None    # when the oldest untaken command was queued
         self._num_pending = 0
         self._num_in_transit = 0
         self._num_engine_waiting = 0
@@ -105,18 +111,30 @@ class Inbox:
                 return False
             self._batch.adds.append(cmd)
             self._num_pending += cmd.params.n
-            self._cond.notify()
+            self._notify()
         return True
+
+    def has_room(self, n: int, max_queued: int | None) -> bool:
+        """Whether ``put_add`` would take ``n`` more sequences now (a cheap check made before
+        the expensive work of an add: tokenization)."""
+        with self._cond:
+            queued = self._num_pending + self._num_in_transit + self._num_engine_waiting
+            return max_queued is None or queued == 0 or queued + n <= max_queued
 
     def put_abort(self, request_id: str) -> None:
         with self._cond:
             self._batch.aborts.append(request_id)
-            self._cond.notify()
+            self._notify()
 
     def put_stop(self) -> None:
         with self._cond:
             self._batch.stop = True
-            self._cond.notify()
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+        self._cond.notify()
 
     def take(self, block: bool, timeout: float | None = None) -> _Batch:
         """Everything queued so far; with ``block``, sleep until there is something (or until
@@ -128,6 +146,7 @@ class Inbox:
             batch, self._batch = self._batch, _Batch(stop=self._batch.stop)
             self._num_in_transit += self._num_pending
             self._num_pending = 0
+            self.pending_since = None
             return batch
 
     def set_engine_waiting(self, num_waiting: int) -> None:
@@ -154,8 +173,8 @@ class EngineThread:
         self.observer = observer
         self.snapshot = _take_snapshot(engine)
         self.error: str | None = None                      # set once, when the engine died
+        self.last_beat = time.monotonic()                  # see the module docstring
         self._live: dict[str, int] = {}                    # request id -> n, added and unfinished
-        self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> per choice (tokens, chars)
         self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
 
     def start(self) -> None:
@@ -167,6 +186,18 @@ class EngineThread:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def num_choices(self, request_id: str) -> int:
+        """``n`` of a live request (0 when it is not live)."""
+        return self._live.get(request_id, 0)
+
+    def stall_seconds(self, now: float) -> float:
+        """Seconds there has been work (a live request or an untaken command) while the thread
+        neither took commands nor finished an iteration; 0.0 while idle or progressing. Read from
+        any thread: it only reads fields this thread replaces whole."""
+        since = [t for t in (self.inbox.pending_since, self.last_beat if self._live else None)
+                 if t is not None]
+        return max(0.0, now - min(since)) if since else 0.0
+
     def _run(self) -> None:
         stalled = False
         try:
@@ -174,6 +205,7 @@ class EngineThread:
                 busy = self.engine.has_unfinished_requests()
                 batch = self.inbox.take(block=stalled or not busy,
                                         timeout=_STALL_WAIT_S if busy else None)
+                self.last_beat = time.monotonic()
                 outputs: list[RequestOutput] = []
                 for cmd in batch.adds:
                     self._add(cmd)
@@ -186,6 +218,7 @@ class EngineThread:
                     outputs += self.engine.step()
                     stalled = self.engine.core.scheduler.last_stats.num_scheduled_tokens == 0
                 self._hand_back(outputs)
+                self.last_beat = time.monotonic()
                 if batch.stop:
                     for cmd in self.inbox.close("the engine has stopped"):
                         cmd.on_added(EngineDeadError("the engine has stopped"))
@@ -197,7 +230,7 @@ class EngineThread:
         try:
             self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id,
                                     arrival_time=cmd.arrival_time, priority=cmd.priority,
-                                    tenant=cmd.tenant)
+                                    tenant=cmd.tenant, cache_salt=cmd.cache_salt)
         except Exception as exc:  # noqa: BLE001 - the engine rolled the request back; report it
             cmd.on_added(exc)
             return
@@ -205,38 +238,19 @@ class EngineThread:
         cmd.on_added(None)
 
     def _hand_back(self, outputs: list[RequestOutput]) -> None:
-        self._deliver([self._freeze(out) for out in outputs])
-
-    def _deliver(self, frozen: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._live.pop(out.request_id, None)
         self.snapshot = _take_snapshot(self.engine)
         self.inbox.set_engine_waiting(self.snapshot.num_waiting)
-        if not frozen:
+        if not outputs:
             return
         if self.observer is not None:
             try:
-                self.observer.on_outputs(frozen, time.monotonic())
+                self.observer.on_outputs(outputs, time.monotonic())
             except Exception:  # noqa: BLE001 - metrics must never take the engine down
                 logger.exception("output observer failed")
-        self.publish(frozen)
-
-    def _freeze(self, out: RequestOutput) -> RequestOutput:
-        """A copy of ``out`` whose deltas are exactly what changed since the last hand-back."""
-        sent = self._sent.setdefault(out.request_id, [(0, 0)] * len(out.outputs))
-        choices = []
-        for c in out.outputs:
-            num_tokens, num_chars = sent[c.index]
-            # c is already the output processor's snapshot: its lists are not touched again
-            choices.append(CompletionOutput(
-                c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs,
-                c.cumulative_logprob, delta_text=c.text[num_chars:],
-                delta_token_ids=c.token_ids[num_tokens:],
-                delta_logprobs=[] if c.logprobs is None else c.logprobs[num_tokens:]))
-            sent[c.index] = (len(c.token_ids), len(c.text))
-        if out.finished:
-            self._sent.pop(out.request_id, None)
-            self._live.pop(out.request_id, None)
-        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, choices,
-                             out.finished, out.metrics, out.num_cached_tokens, out.error)
+        self.publish(outputs)
 
     def _die(self, exc: Exception) -> None:
         message = f"the engine failed: {type(exc).__name__}: {exc}"
@@ -245,14 +259,14 @@ class EngineThread:
                      exc_info=exc)
         for cmd in self.inbox.close(message):
             cmd.on_added(EngineDeadError(message))
-        self._deliver([self._error_output(rid, n, message) for rid, n in list(self._live.items())])
+        self._hand_back([self._error_output(rid, n, message)
+                         for rid, n in list(self._live.items())])
 
     def _error_output(self, request_id: str, n: int, message: str) -> RequestOutput:
         try:
-            aborted = [self._freeze(o) for o in self.engine.abort_request(request_id)]
+            aborted = self.engine.abort_request(request_id)
         except Exception:  # noqa: BLE001 - the engine is broken; report without it
             aborted = []
-        self._live.pop(request_id, None)
         if aborted:
             out = aborted[-1]
         else:

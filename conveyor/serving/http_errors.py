@@ -41,8 +41,14 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPE_FOR_STATUS.get(status, "error"),
-                      "param": param, "code": code}}
+    """The OpenAI error object; text echoed from a request (a field name that is a lone
+    surrogate, say) is escaped so that the body can always be encoded as UTF-8."""
+    return {"error": {"message": _encodable(message), "type": _TYPE_FOR_STATUS.get(status, "error"),
+                      "param": None if param is None else _encodable(param), "code": code}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

@@ -4,8 +4,11 @@ Owns the life of one HTTP generation: parse and check the body, tokenize the pro
 front-end tokenizer thread, hand it to the ``AsyncEngine``, and turn outputs into OpenAI bodies
 or ``data: {...}`` events ending with ``data: [DONE]``. Invariants:
 
-- Every check that can fail (auth, body, fields, model, prompt length, queue, the engine's own
-  validation) runs before a response starts, so it gets its proper status code.
+- Every check that can fail (auth, body, fields, model, prompt length, queue, grammar compile,
+  the engine's own validation) runs before a response starts, so it gets its proper status code.
+- Admission before expensive work: a full queue, a draining or dead engine and a prompt with
+  more characters than the context could hold are refused before the prompt is tokenized;
+  tokenization itself is bounded and ordered by ``TokenizerPool``.
 - A client that leaves (mid-stream, before its first token, or while a non-streaming request
   runs) has its request aborted: the SSE generator is cancelled or closed and closes the stream;
   non-streaming requests watch for ``http.disconnect``.
@@ -25,6 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conveyor.sampling_params import SamplingParams
+from conveyor.serving.admission import message_chars
+from conveyor.serving.api_docs import json_route
 from conveyor.serving.app_state import AppState, app_state, read_json, request_identity
 from conveyor.serving.async_engine import RequestStream
 from conveyor.serving.http_errors import ApiError, error_event, to_api_error
@@ -32,29 +37,42 @@ from conveyor.serving.outputs import RequestOutput
 from conveyor.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from conveyor.serving.responses import (ResponseMeta, delta_chunk, full_response,
                                         logprob_token_ids, role_chunk, sse, usage_chunk)
+from conveyor.serving.tool_calls import ChatTools, stream_chunks
 
 _CLIENT_CLOSED = 499     # nginx's convention; nobody reads it, the client is gone
 
 
 def add_openai_routes(app: FastAPI) -> None:
-    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"],
+                      **json_route(CompletionRequest, tenant_headers=True))
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"],
+                      **json_route(ChatCompletionRequest, tenant_headers=True))
 
 
 async def create_completion(request: Request) -> Response:
     state, req = await _parse(request, CompletionRequest)
     params = req.sampling_params(state.limits)
     prompt = req.single_prompt()
-    prompt_ids = await state.run_tokenizer(state.tokenizer.encode, prompt) \
-        if isinstance(prompt, str) else prompt
+    state.require_engine().check_admission(params.n)    # refuse before tokenizing
+    if isinstance(prompt, str):
+        state.check_prompt_chars(len(prompt))
+        prompt_ids = await state.run_tokenizer(state.tokenizer.encode, prompt, cost=len(prompt))
+    else:
+        prompt_ids = prompt
     return await _generate(state, request, req, params, prompt_ids, chat=False)
 
 
 async def create_chat_completion(request: Request) -> Response:
     state, req = await _parse(request, ChatCompletionRequest)
-    params = req.sampling_params(state.limits)
-    prompt_ids = await state.run_tokenizer(_render_chat, state.tokenizer, req.messages)
-    return await _generate(state, request, req, params, prompt_ids, chat=True)
+    tools = ChatTools.from_request(req, state.config.tool_call_parser,
+                                   state.tokenizer.chat_template)
+    params = tools.sampling_params(req.sampling_params(state.limits))
+    state.require_engine().check_admission(params.n)    # refuse before rendering and tokenizing
+    num_chars = message_chars(req.messages)
+    state.check_prompt_chars(num_chars)
+    prompt_ids = await state.run_tokenizer(tools.render_prompt, state.tokenizer, req.messages,
+                                           cost=num_chars)
+    return await _generate(state, request, req, params, prompt_ids, chat=True, tools=tools)
 
 
 async def _parse(request: Request, model: type) -> tuple[AppState, Any]:
@@ -66,8 +84,10 @@ async def _parse(request: Request, model: type) -> tuple[AppState, Any]:
 
 
 async def _generate(state: AppState, request: Request, req: Any, params: SamplingParams,
-                    prompt_ids: list[int], chat: bool) -> Response:
+                    prompt_ids: list[int], chat: bool, tools: ChatTools | None = None) -> Response:
     state.check_prompt_length(len(prompt_ids))
+    if params.structured_outputs is not None:    # a bad or slow grammar is a 400, before any byte
+        await state.require_engine().engine.structured.precompile(params)
     priority, tenant = request_identity(request, req.priority)
     prefix = "chatcmpl" if chat else "cmpl"
     meta = ResponseMeta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat)
@@ -75,40 +95,36 @@ async def _generate(state: AppState, request: Request, req: Any, params: Samplin
     lease = state.tenant_limiter.acquire(tenant, len(prompt_ids) + max_new * params.n)
     try:
         stream = await state.require_engine().add_request(
-            prompt_ids, params, request_id=meta.id, priority=priority, tenant=tenant)
+            prompt_ids, params, request_id=meta.id, priority=priority, tenant=tenant,
+            cache_salt=req.cache_salt or "")
     except BaseException:
-        lease.release()
+        lease.refund()      # refused (engine validation, queue full, ...): nothing was spent
         raise
     if req.stream:          # the event generator releases the lease when it ends
-        return _respond_stream(state, meta, stream, req.include_usage, lease)
+        return _respond_stream(state, meta, stream, req.include_usage, lease, tools)
     try:
-        return await _respond(state, request, meta, stream)
+        return await _respond(state, request, meta, stream, tools)
     finally:
         lease.release()
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    # The template already emits BOS and friends, so the rendered text is encoded without them.
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def _respond_stream(state: AppState, meta: ResponseMeta, stream: RequestStream,
-                    include_usage: bool, lease) -> Response:
-    events = _stream_events(state, meta, stream, include_usage, lease)
+                    include_usage: bool, lease, tools: ChatTools | None) -> Response:
+    events = _stream_events(state, meta, stream, include_usage, lease, tools)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
 async def _respond(state: AppState, request: Request, meta: ResponseMeta,
-                   stream: RequestStream) -> Response:
+                   stream: RequestStream, tools: ChatTools | None) -> Response:
     out = await _final_output(stream, request)
     if out is None:
         return Response(status_code=_CLIENT_CLOSED)
     if out.error is not None:
         raise ApiError(500, out.error, code="engine_error")
     texts = await _texts_for(state, out)
-    return JSONResponse(full_response(meta, out, texts))
+    body = full_response(meta, out, texts)
+    return JSONResponse(tools.rewrite_response(body) if tools is not None else body)
 
 
 async def _texts_for(state: AppState, out: RequestOutput, delta: bool = False) -> dict[int, str]:
@@ -145,9 +161,10 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _stream_events(state: AppState, meta: ResponseMeta, stream: RequestStream,
-                         include_usage: bool, lease) -> AsyncIterator[str]:
+                         include_usage: bool, lease,
+                         tools: ChatTools | None = None) -> AsyncIterator[str]:
     """SSE events of one request. Cancellation (client gone) or an early close aborts it."""
-    last = None
+    last, tool_stream = None, tools.stream() if tools is not None else None
     try:
         async for out in stream:
             if last is None and meta.chat:
@@ -160,8 +177,8 @@ async def _stream_events(state: AppState, meta: ResponseMeta, stream: RequestStr
             texts = await _texts_for(state, out, delta=True)
             for c in out.outputs:
                 chunk = delta_chunk(meta, c, texts, include_usage)
-                if chunk is not None:
-                    yield sse(chunk)
+                for part in stream_chunks(tool_stream, chunk, c):
+                    yield sse(part)
         if include_usage and last is not None and last.error is None:
             yield sse(usage_chunk(meta, last))
     except Exception as exc:  # noqa: BLE001 - a started stream can only report errors in-band

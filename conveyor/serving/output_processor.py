@@ -4,20 +4,29 @@ Owns one incremental detokenizer per (child) request. When a stop string appears
 request is finished in the core right here, in the same step, so its blocks are freed before the
 next schedule. A request with ``n > 1`` is one parent with n children in the core; its output
 lists the children's completions in index order and is finished when all of them are. Every
-``RequestOutput`` handed out holds its own copies of the completions: a later step never changes
-an output a caller already has (the prompt token list is shared; nothing writes to it).
+``RequestOutput`` handed out holds its own completions: a later step never changes an output a
+caller already has (the prompt token list is shared; nothing writes to it). Emitting an output is
+O(new tokens): cumulative token and logprob lists are handed out as ``PrefixView`` objects, never
+copied. A request's failure is its own: when one of its children finishes with "error" or its
+output work raises (detokenizing, stop strings, logprobs), every unfinished child of that request
+ends with "error" in the same step (blocks freed) and its final output carries ``error``; the
+other requests in the step are processed as if nothing happened.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.outputs import EngineCoreOutput
 from conveyor.core.request import FinishReason, Request
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from conveyor.serving.outputs import (CompletionOutput, Logprob, PrefixView, RequestMetrics,
+                                      RequestOutput)
 from conveyor.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("conveyor")
 
 
 @dataclass(slots=True)
@@ -35,6 +44,7 @@ class _Parent:
     prompt_token_ids: list[int]
     params: SamplingParams
     children: list[_Child] = field(default_factory=list)
+    error: str | None = None          # why a child finished with "error", if one did
 
     @property
     def finished(self) -> bool:
@@ -72,10 +82,12 @@ class OutputProcessor:
         for out in core_outputs:
             child = self.children.get(out.request_id)
             if child is not None:
-                self._apply(child, out)
+                self._apply_isolated(child, out)
                 touched[child.parent.request_id] = child.parent
                 updated.add(out.request_id)
         for parent in touched.values():
+            if parent.error is not None:
+                self._fail_unfinished(parent)
             for c in parent.children:
                 if c.request.request_id not in updated:
                     _clear_delta(c.completion)       # a sibling that got no token this step
@@ -92,6 +104,26 @@ class OutputProcessor:
                     if child.request.finish_reason else FinishReason.ABORT.value
                 touched[child.parent.request_id] = child.parent
         return [self._emit(p) for p in touched.values()]
+
+    def _apply_isolated(self, child: _Child, out: EngineCoreOutput) -> None:
+        """``_apply``; if it raises (detokenizing, stop strings, logprobs of this request), the
+        request fails alone: the error is recorded and ``process`` finishes it."""
+        try:
+            self._apply(child, out)
+        except Exception as exc:  # noqa: BLE001 - this request's own output work failed
+            logger.warning("request %s failed while building its output", out.request_id,
+                           exc_info=exc)
+            _clear_delta(child.completion)
+            child.parent.error = child.parent.error or \
+                f"building the output failed: {type(exc).__name__}: {exc}"
+
+    def _fail_unfinished(self, parent: _Parent) -> None:
+        """A child failed, so the request failed: its unfinished children end with "error" too
+        (their blocks are freed now) and its client gets ``parent.error``."""
+        open_children = [c for c in parent.children if not c.completion.finished]
+        self.core.abort_requests([c.request.request_id for c in open_children], FinishReason.ERROR)
+        for c in open_children:
+            c.completion.finish_reason, c.completion.stop_reason = FinishReason.ERROR.value, None
 
     def _apply(self, child: _Child, out: EngineCoreOutput) -> None:
         comp = child.completion
@@ -113,6 +145,8 @@ class OutputProcessor:
         elif child.detok.stop_matched is not None:
             comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, child.detok.stop_matched
         elif out.finish_reason is not None:
+            if out.error is not None:
+                child.parent.error = out.error
             delta += child.detok.flush()
             comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
         comp.text = child.detok.output_text
@@ -125,8 +159,10 @@ class OutputProcessor:
             max(c.request.finished_time for c in parent.children) if parent.finished else 0.0,
             sum(c.request.num_preemptions for c in parent.children))
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                            [_snapshot(c.completion) for c in parent.children], parent.finished,
-                            metrics, num_cached_tokens=first.num_cached_tokens)
+                            [_snapshot(c.completion, parent.finished) for c in parent.children],
+                            parent.finished,
+                            metrics, num_cached_tokens=first.num_cached_tokens,
+                            error=parent.error if parent.finished else None)
         if parent.finished:
             self.parents.pop(parent.request_id, None)
             for c in parent.children:
@@ -134,13 +170,18 @@ class OutputProcessor:
         return out
 
 
-def _snapshot(comp: CompletionOutput) -> CompletionOutput:
-    """A copy the caller keeps: later steps extend only the processor's own cumulative lists.
-    The delta lists are shared: each step replaces them with new ones, never appends to them."""
+def _snapshot(comp: CompletionOutput, final: bool) -> CompletionOutput:
+    """A copy the caller keeps, made in O(1): the cumulative lists are ``PrefixView`` objects of
+    the processor's own append-only lists (a final output gets the lists themselves: nothing
+    appends to them any more). The delta lists are shared: each step replaces them with new ones,
+    never appends to them."""
+    token_ids, logprobs = comp.token_ids, comp.logprobs
+    if not final:
+        token_ids = PrefixView(token_ids)
+        logprobs = None if logprobs is None else PrefixView(logprobs)
     return CompletionOutput(
-        comp.index, comp.text, list(comp.token_ids), comp.finish_reason, comp.stop_reason,
-        None if comp.logprobs is None else list(comp.logprobs), comp.cumulative_logprob,
-        comp.delta_text, comp.delta_token_ids, comp.delta_logprobs)
+        comp.index, comp.text, token_ids, comp.finish_reason, comp.stop_reason, logprobs,
+        comp.cumulative_logprob, comp.delta_text, comp.delta_token_ids, comp.delta_logprobs)
 
 
 def _clear_delta(comp: CompletionOutput) -> None:

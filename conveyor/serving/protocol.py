@@ -2,10 +2,13 @@
 
 Owns what a request may contain. Invariants:
 
-- Unknown fields are rejected (``extra="forbid"``) with a 400 naming the field; only ``user`` and
-  ``stream_options`` are accepted without affecting generation beyond usage reporting.
-- Types are strict (no "5" for 5, no 1.5 for an integer); ranges are checked by ``SamplingParams``
-  (which names the field) plus the server's own caps in ``RequestLimits``.
+- Unknown fields are rejected (``extra="forbid"``) with a 400 naming the field; the OpenAI fields
+  accepted without effect are listed in ``chat_fields`` (plus ``user``; ``stream_options`` only
+  reports usage).
+- Types are strict (no "5" for 5, no 1.5 for an integer); values and ranges are checked once, at
+  the engine's entry (``SamplingParams`` and ``LLMEngine.add_request``, which name the field);
+  here only the server's own policy (``RequestLimits``) is added, and errors are translated to
+  the names this API uses (chat's ``top_logprobs``, ``max_completion_tokens``).
 - Nothing from a request is unpickled, evaluated or used as a path.
 """
 
@@ -14,20 +17,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
+from conveyor.serving.chat_fields import ChatClientFields, refused_field_message
+from conveyor.serving.structured_protocol import (ResponseFormat, StructuredOutputsBody,
+                                                  logit_bias_ids, removed_field_error,
+                                                  structured_params)
+
+
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """Caps the server enforces on top of ``SamplingParams``' own validation."""
+    """The operator's caps on top of the engine's own validation (``--max-n``)."""
 
     max_n: int = 8
-    max_stop_strings: int = 16
-    max_stop_chars: int = 256
-    max_logprobs: int = 20
 
 
 class _Strict(BaseModel):
@@ -61,6 +68,13 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's per-request prefix-cache salt: only requests of the same tenant with the same salt
+    # share cached blocks (serving.auth / core.kv_cache_manager).
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # Structured outputs (serving.structured_protocol): OpenAI's and vLLM's spelling.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    logit_bias: dict[str, float] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -68,24 +82,19 @@ class _SamplingFields(_Strict):
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
                            limits: RequestLimits) -> SamplingParams:
-        """Check the server's caps, then build ``SamplingParams`` (which checks ranges)."""
+        """Check the server's caps, then build ``SamplingParams`` (which checks every value)."""
         if self.n is not None and self.n > limits.max_n:
             raise InvalidRequestError(f"n must be at most {limits.max_n}, got {self.n}", "n")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > limits.max_stop_strings:
-            raise InvalidRequestError(
-                f"at most {limits.max_stop_strings} stop strings are allowed, got {len(stops)}", "stop")
-        if any(len(s) > limits.max_stop_chars for s in stops):
-            raise InvalidRequestError(
-                f"stop strings must be at most {limits.max_stop_chars} characters long", "stop")
-        if logprobs is not None and logprobs > limits.max_logprobs:
-            raise InvalidRequestError(
-                f"logprobs must be at most {limits.max_logprobs}, got {logprobs}", "logprobs")
         names = ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
                  "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
                  "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens")
         given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=stops or None, **given)
+        return SamplingParams(
+            max_tokens=max_tokens, logprobs=logprobs, stop=stops or None,
+            logit_bias=logit_bias_ids(self.logit_bias),
+            structured_outputs=structured_params(self.response_format, self.structured_outputs),
+            **given)
 
 
 class CompletionRequest(_SamplingFields):
@@ -110,8 +119,9 @@ class CompletionRequest(_SamplingFields):
         return self.to_sampling_params(self.max_tokens, self.logprobs, limits)
 
 
-class ChatCompletionRequest(_SamplingFields):
-    """``POST /v1/chat/completions``; messages are checked by the chat-template renderer."""
+class ChatCompletionRequest(_SamplingFields, ChatClientFields):
+    """``POST /v1/chat/completions``; messages are checked by the chat-template renderer, tool
+    and client fields by ``chat_fields``."""
 
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
@@ -125,7 +135,20 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
-        return self.to_sampling_params(max_tokens, logprobs, limits)
+        try:
+            return self.to_sampling_params(max_tokens, logprobs, limits)
+        except InvalidRequestError as exc:
+            raise self._in_chat_names(exc) from None
+
+    def _in_chat_names(self, exc: InvalidRequestError) -> InvalidRequestError:
+        """The error named after the field this body used (``top_logprobs`` is the count)."""
+        renamed = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            renamed["max_tokens"] = "max_completion_tokens"
+        name = renamed.get(exc.param)
+        if name is None:
+            return exc
+        return InvalidRequestError(str(exc).replace(exc.param, name, 1), name)
 
 
 class TokenizeRequest(_Strict):
@@ -161,10 +184,18 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequestError:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"]]
     field = loc[0] if loc else None
+    refused = refused_field_message(field)
+    if refused is not None:
+        return InvalidRequestError(refused, field)
     if err["type"] == "extra_forbidden":
         path = ".".join(loc)
+        removed = removed_field_error(path)
+        if removed is not None:
+            return removed
         return InvalidRequestError(
             f"unsupported field {path!r}: conveyor does not implement it; remove it", field)
     if err["type"] == "missing":
         return InvalidRequestError(f"field {'.'.join(loc)!r} is required", field)
+    if field is None:       # the body itself, e.g. a key that is not valid Unicode
+        return InvalidRequestError(f"the request body is invalid: {err['msg']}")
     return InvalidRequestError(f"invalid value for {field!r}: {err['msg']}", field)

@@ -4,11 +4,15 @@
 loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args)`` serves it with
 uvicorn and implements graceful shutdown. Invariants:
 
-- Every route except ``/health`` requires a configured API key (compared with
-  ``hmac.compare_digest`` against every key, so timing does not reveal which one matched).
+- Every route except ``api_docs.PUBLIC_PATHS`` (``/health``, ``/openapi.json``, ``/docs``)
+  requires a configured API key (``serving.auth``: compared in constant time against every key);
+  the key's identity (tenant, trusted, min_priority) travels in ``scope["state"]["identity"]``.
 - On the first SIGTERM/SIGINT new requests get 503 while in-flight ones may finish for
-  ``shutdown_timeout`` seconds; the rest are aborted ("abort"), then the process exits 0. A second
-  signal exits at once. No child process is ever started.
+  ``shutdown_timeout`` seconds; the rest are aborted ("abort"), then the process exits 0 (1 when
+  a wedged engine made the drain give up, see ``lifecycle``). A second signal exits at once.
+  No child process is ever started.
+- Connections are capped and every read of a request (head, body) and every stalled write has
+  a deadline (``connection_guard``).
 - Each app has its own metrics registry and state (``app.state.conveyor``); nothing is global.
 """
 
@@ -17,21 +21,25 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import hmac
 import logging
 import os
 import threading
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
-import uvicorn
 from fastapi import FastAPI
 
 from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.metrics.prometheus import ServingMetrics
+from conveyor.serving.api_docs import OPENAPI_URL, PUBLIC_PATHS, add_api_docs
+from conveyor.serving.admission import max_token_chars
 from conveyor.serving.app_state import AppState, ServerConfig
 from conveyor.serving.async_engine import AsyncEngine
+from conveyor.serving.auth import (ANONYMOUS, ApiKey, check_keys, exposure_warning,
+                                   load_api_key_file, parse_api_key)
+from conveyor.serving.connection_guard import ConnectionLimits
 from conveyor.serving.http_errors import error_response, install_error_handlers
+from conveyor.serving.lifecycle import build_server, exit_now
 from conveyor.serving.openai_routes import add_openai_routes
 from conveyor.serving.protocol import RequestLimits
 from conveyor.serving.utility_routes import add_utility_routes
@@ -50,7 +58,8 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     called (the CLI uses it to exit). The app's ``AppState`` is ``app.state.conveyor``.
     """
     state = AppState(config, RequestLimits(max_n=config.max_n))
-    state.metrics = ServingMetrics(lambda: state.engine.snapshot if state.engine else None)
+    state.metrics = ServingMetrics(lambda: state.engine.snapshot if state.engine else None,
+                                   lambda: state.engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,24 +72,30 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
                 await state.engine.shutdown()
             state.tokenizer_pool.shutdown(wait=False)
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL)
     app.state.conveyor = state
     install_error_handlers(app)
     add_openai_routes(app)
     add_utility_routes(app)
+    add_api_docs(app, has_api_keys=bool(config.api_keys), model_name=lambda: state.model_name)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
 
-async def drain_app(app: FastAPI) -> None:
+async def drain_app(app: FastAPI) -> bool:
     """Graceful stop: 503 for new requests, let in-flight ones finish up to the shutdown timeout,
-    then abort the rest; returns once every response got its last output."""
+    then abort the rest; returns once every response got its last output, within the shutdown
+    timeout plus the abort grace even when the engine is wedged (then it returns False)."""
     state: AppState = app.state.conveyor
     state.draining = True
-    if state.engine is not None:
-        logger.info("draining: %d request(s) in flight, waiting up to %.0f s",
-                    state.engine.num_in_flight, state.config.shutdown_timeout)
-        await state.engine.drain(state.config.shutdown_timeout)
+    if state.engine is None:
+        return True
+    logger.info("draining: %d request(s) in flight, waiting up to %.0f s",
+                state.engine.num_in_flight, state.config.shutdown_timeout)
+    clean = await state.engine.drain(state.config.shutdown_timeout)
+    if not clean:
+        logger.error("the engine did not finish its requests while draining; they were failed")
+    return clean
 
 
 async def _load(state: AppState, load_engine: Callable[[], Any],
@@ -98,9 +113,13 @@ async def _load(state: AppState, load_engine: Callable[[], Any],
     state.model_path = engine.model_path
     state.model_name = state.config.served_model_name or os.path.basename(engine.model_path)
     state.max_model_len = engine.max_model_len
-    async_engine = AsyncEngine(engine, max_waiting_requests=state.config.max_waiting_requests,
-                               request_timeout=state.config.request_timeout,
-                               observer=state.metrics)
+    token_chars = await state.run_tokenizer(max_token_chars, state.tokenizer)
+    state.max_prompt_chars = token_chars * max(1, engine.max_model_len - 1)
+    c = state.config
+    async_engine = AsyncEngine(engine, max_waiting_requests=c.max_waiting_requests,
+                               request_timeout=c.request_timeout, observer=state.metrics,
+                               stream_write_timeout=c.stream_write_timeout,
+                               watchdog_timeout=c.watchdog_timeout)
     async_engine.start()
     state.engine = async_engine
     _log_ready(state, engine)
@@ -155,39 +174,29 @@ def _log_ready(state: AppState, engine: Any) -> None:
 
 
 class GuardMiddleware:
-    """Pure ASGI: API keys on every route but ``/health``; 503 for new requests while draining."""
+    """Pure ASGI: API keys on every route but ``PUBLIC_PATHS``; 503 for new requests while
+    draining."""
 
     def __init__(self, app, state: AppState):
         self.app = app
         self.state = state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
-        keys = self.state.config.api_keys
-        if keys:
-            index = match_api_key(_bearer_token(scope), keys)
-            if index is None:
+        identity = ANONYMOUS
+        if self.state.key_ring.enabled:
+            identity = self.state.key_ring.authenticate(_bearer_token(scope))
+            if identity is None:
                 response = error_response(401, "missing or wrong API key; send 'Authorization: "
                                                "Bearer <key>'", code="invalid_api_key")
                 return await response(scope, receive, send)
-            scope.setdefault("state", {})["api_key_index"] = index
+        scope.setdefault("state", {})["identity"] = identity     # read by request_identity
         if self.state.draining and scope["path"] != "/metrics":
             response = error_response(503, "the server is shutting down and takes no new requests",
                                       code="shutting_down")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-def match_api_key(given: str | None, keys: tuple[str, ...]) -> int | None:
-    """Index of the key equal to ``given``; every key is compared, in constant time each."""
-    if given is None:
-        return None
-    given_bytes, found = given.encode(), None
-    for i, key in enumerate(keys):
-        if hmac.compare_digest(given_bytes, key.encode()) and found is None:
-            found = i
-    return found
 
 
 def _bearer_token(scope) -> str | None:
@@ -198,49 +207,16 @@ def _bearer_token(scope) -> str | None:
     return None
 
 
-class _GracefulServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains the app before uvicorn stops; the signal is
-    not re-raised afterwards, so the process exits 0."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
-        super().__init__(config)
-        self._app = app
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining = False
-        self._drain_task: asyncio.Task | None = None
-
-    async def startup(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig, frame) -> None:
-        if self._draining or self._loop is None:
-            self.force_exit = self._draining     # a second signal: stop waiting for anything
-            self.should_exit = True
-            return
-        self._draining = True
-        logger.info("signal %d: draining before exit (a second signal exits at once)", sig)
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self._drain_task = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            await drain_app(self._app)
-        finally:
-            self.should_exit = True
-
-
 def run_server(args) -> int:
-    """``conveyor serve``: build the app from parsed flags and serve it until SIGTERM."""
+    """``conveyor serve``: build the app from parsed flags and serve it until SIGTERM (see
+    ``lifecycle``)."""
     from conveyor.cli.args import engine_kwargs
     from conveyor.serving.engine import LLMEngine
 
     config = server_config_from_args(args)
+    limits = connection_limits_from_args(args)
     kwargs = engine_kwargs(args)
     failures: list[str] = []
-    server: _GracefulServer | None = None
 
     def on_load_error(message: str) -> None:
         failures.append(message)
@@ -248,25 +224,51 @@ def run_server(args) -> int:
 
     app = build_app(config, lambda: LLMEngine.from_kwargs(
         attention_backend=args.attention_backend, **kwargs), on_load_error)
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
-                               log_level=args.log_level, access_log=args.log_level == "debug",
-                               timeout_graceful_shutdown=10, ws="none")
-    server = _GracefulServer(uv_config, app)
+    server = build_server(app, lambda: drain_app(app), limits, host=args.host, port=args.port,
+                          log_level=args.log_level)
     server.run()
     if failures:
         raise ConveyorError(failures[0])
-    return 0 if server.started else 1
+    engine = app.state.conveyor.engine
+    if engine is not None and engine.left_behind:
+        exit_now(1, "exiting without waiting for the engine thread, which is stuck in a step")
+    return 0 if server.started and server.drained_cleanly else 1
+
+
+def connection_limits_from_args(args) -> ConnectionLimits:
+    return ConnectionLimits(args.max_connections, args.header_timeout, args.body_timeout,
+                            args.stream_write_timeout)
 
 
 def server_config_from_args(args) -> ServerConfig:
-    for name in ("max_body_bytes", "max_waiting_requests", "max_n"):
+    for name in ("max_body_bytes", "max_waiting_requests", "max_n", "max_tokenizer_queue_chars"):
         if getattr(args, name) <= 0:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
+    if args.watchdog_timeout < 0:
+        raise InvalidRequestError("--watchdog-timeout must not be negative (0 turns it off)")
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise InvalidRequestError("--request-timeout must be positive")
     if args.shutdown_timeout < 0:
         raise InvalidRequestError("--shutdown-timeout must not be negative")
-    return ServerConfig(args.served_model_name, tuple(args.api_key or ()), args.max_body_bytes,
+    for name in ("tenant_max_concurrency", "tenant_max_tokens_per_minute"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive "
+                                      "(leave it out for no limit)")
+    keys = api_keys_from_args(args)
+    warning = exposure_warning(args.host, bool(keys))
+    if warning:
+        logger.warning(warning)
+    return ServerConfig(args.served_model_name, keys, args.max_body_bytes,
                         args.max_waiting_requests, args.max_n, args.request_timeout,
                         args.shutdown_timeout, args.tenant_max_concurrency,
-                        args.tenant_max_tokens_per_minute)
+                        args.tenant_max_tokens_per_minute, args.stream_write_timeout,
+                        args.watchdog_timeout or None, args.max_tokenizer_queue_chars,
+                        getattr(args, "tool_call_parser", None))
+
+
+def api_keys_from_args(args) -> tuple[ApiKey, ...]:
+    """``--api-key`` specs, then ``--api-key-file`` entries; each checked, none twice."""
+    keys = [parse_api_key(spec, f"--api-key #{i + 1}") for i, spec in enumerate(args.api_key or ())]
+    if args.api_key_file:
+        keys += load_api_key_file(args.api_key_file)
+    return check_keys(tuple(keys))

@@ -1,8 +1,8 @@
 """``/health``, ``/metrics``, ``/v1/models``, ``/tokenize`` and ``/detokenize`` (vLLM shapes).
 
-``/health`` is the only route that needs no API key: 200 ``{"status": "ok"}`` when the engine
-runs, 503 with the reason while loading, after a load failure, while draining, or once the engine
-died.
+``/health`` needs no API key (nor do ``/openapi.json`` and ``/docs``, see ``api_docs``):
+200 ``{"status": "ok"}`` when the engine runs, 503 with the reason while loading, after a load
+failure, while draining, once the engine died, or while the watchdog finds it stalled.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from conveyor.errors import InvalidRequestError
+from conveyor.serving.admission import message_chars
+from conveyor.serving.api_docs import error_responses, json_route
 from conveyor.serving.app_state import app_state, read_json
 from conveyor.serving.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 
@@ -19,9 +21,9 @@ from conveyor.serving.protocol import DetokenizeRequest, TokenizeRequest, parse_
 def add_utility_routes(app: FastAPI) -> None:
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/tokenize", tokenize, methods=["POST"])
-    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"], responses=error_responses())
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], **json_route(TokenizeRequest))
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], **json_route(DetokenizeRequest))
 
 
 async def health(request: Request) -> JSONResponse:
@@ -31,6 +33,9 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
     if state.engine.is_dead:
         return JSONResponse({"status": "dead", "error": state.engine.error}, status_code=503)
+    if state.engine.is_stalled:         # the watchdog: work pending, no step for its timeout
+        return JSONResponse({"status": "stalled", "error": state.engine.stall_message()},
+                            status_code=503)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -66,7 +71,8 @@ async def tokenize(request: Request) -> JSONResponse:
             ids = tok.encode(req.prompt, add_special_tokens=add)
         return ids, tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
 
-    ids, strs = await state.run_tokenizer(run)
+    cost = len(req.prompt) if req.messages is None else message_chars(req.messages)
+    ids, strs = await state.run_tokenizer(run, cost=cost)
     return JSONResponse({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                          "token_strs": strs})
 
@@ -81,5 +87,5 @@ async def detokenize(request: Request) -> JSONResponse:
     if bad:
         raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
                                   "tokens")
-    text = await state.run_tokenizer(state.tokenizer.decode, req.tokens)
+    text = await state.run_tokenizer(state.tokenizer.decode, req.tokens, cost=4 * len(req.tokens))
     return JSONResponse({"prompt": text})

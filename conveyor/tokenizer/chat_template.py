@@ -6,8 +6,9 @@ model's Jinja chat template. Invariants:
 - Templates run only in ``ImmutableSandboxedEnvironment``: attributes starting with ``_`` are
   unreachable and passed-in objects cannot be mutated, because a template comes from a checkpoint or
   a command line we do not control and must not reach Python internals (``__subclasses__`` etc.).
-- Every failure a user can cause (malformed messages, a broken template, the template's own
-  ``raise_exception``) surfaces as ``InvalidRequestError`` carrying the underlying message.
+- Every failure a user can cause (malformed messages, text that is not valid Unicode, a broken
+  template, the template's own ``raise_exception``) surfaces as ``InvalidRequestError`` carrying
+  the underlying message; a rendered prompt is always valid Unicode.
 - Messages are validated and normalised (text-part lists joined into one string) into fresh dicts
   before rendering; the caller's objects are never mutated.
 - Compiled templates are cached per ``ChatTemplateRenderer`` instance (bounded), never module-globally.
@@ -21,11 +22,11 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from conveyor.errors import InvalidRequestError
+from conveyor.errors import InvalidRequestError, check_text
 
 # Joining text parts with a newline matches vLLM, so prompts built from part lists tokenize the same.
 _PART_SEPARATOR = "\n"
@@ -75,6 +76,7 @@ def _make_environment() -> ImmutableSandboxedEnvironment:
 def _content_to_text(content: Any, index: int) -> str:
     """A message's content as one string: a string as is, or a list of text parts joined."""
     if isinstance(content, str):
+        check_text(content, "messages", f"messages[{index}].content")
         return content
     if not isinstance(content, list):
         raise InvalidRequestError(
@@ -86,6 +88,7 @@ def _content_to_text(content: Any, index: int) -> str:
             raise InvalidRequestError(
                 f"messages[{index}].content[{j}] must be {{\"type\": \"text\", \"text\": <string>}}; "
                 "only text parts are supported", "messages")
+        check_text(part["text"], "messages", f"messages[{index}].content[{j}].text")
         texts.append(part["text"])
     return _PART_SEPARATOR.join(texts)
 
@@ -108,6 +111,7 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
                 "messages")
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}].role must be a string", "messages")
+        check_text(message["role"], "messages", f"messages[{i}].role")
         if "content" not in message:
             raise InvalidRequestError(f"messages[{i}] has no 'content'; add a string content", "messages")
         normalised.append({**message, "content": _content_to_text(message["content"], i)})
@@ -125,6 +129,7 @@ class ChatTemplateRenderer:
     max_cached: int = 8
     _env: ImmutableSandboxedEnvironment = field(init=False, repr=False)
     _cache: dict[str, jinja2.Template] = field(init=False, repr=False, default_factory=dict)
+    _variables: dict[str, frozenset[str]] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._env = _make_environment()
@@ -139,17 +144,31 @@ class ChatTemplateRenderer:
         normalised = validate_messages(messages)
         compiled = self._compile(template)
         try:
-            return compiled.render(messages=normalised, add_generation_prompt=add_generation_prompt,
+            text = compiled.render(messages=normalised, add_generation_prompt=add_generation_prompt,
                                    bos_token=bos_token, eos_token=eos_token, **kwargs)
         except InvalidRequestError:
             raise
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the chat template failed while rendering: {exc}", "messages") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+                RecursionError) as exc:
             # Template code can hit ordinary Python errors (e.g. '+' on a missing field); they are the
             # request's or the template's fault, not the server's.
             raise InvalidRequestError(
                 f"the chat template failed while rendering: {type(exc).__name__}: {exc}", "messages") from exc
+        check_text(text, "messages", "the rendered chat prompt")      # e.g. from other message keys
+        return text
+
+    def variables(self, template: str) -> frozenset[str]:
+        """Names ``template`` reads from its context (e.g. ``tools``: it renders tool definitions)."""
+        found = self._variables.get(template)
+        if found is None:
+            self._compile(template)          # raises InvalidRequestError for a broken template
+            found = frozenset(meta.find_undeclared_variables(self._env.parse(template)))
+            if len(self._variables) >= self.max_cached:
+                del self._variables[next(iter(self._variables))]
+            self._variables[template] = found
+        return found
 
     def _compile(self, template: str) -> jinja2.Template:
         if not isinstance(template, str) or not template.strip():

@@ -8,7 +8,9 @@ fast-tokenizer machinery, and exposing one small API over it. Invariants:
 - ``decode`` never applies ``clean_up_tokenization_spaces``, so decoding a whole sequence equals the
   concatenation of incremental decodes: streamed and non-streamed outputs agree.
 - Load problems raise ``ModelLoadError`` naming the missing or broken file; bad user input raises
-  ``InvalidRequestError``. Loading never touches the network (``local_files_only``).
+  ``InvalidRequestError``: text that is not valid Unicode (a lone surrogate) is refused before it
+  reaches the tokenizer or a chat template's output is encoded. Loading never touches the network
+  (``local_files_only``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from conveyor.errors import InvalidRequestError, ModelLoadError
+from conveyor.errors import InvalidRequestError, ModelLoadError, check_text
 from conveyor.tokenizer.chat_template import ChatTemplateRenderer
 
 _GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
@@ -123,6 +125,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}", "prompt")
+        check_text(text, "prompt")        # the Rust tokenizer raises TypeError on lone surrogates
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -145,6 +148,11 @@ class Tokenizer:
         return self._renderer.render(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.hf.bos_token or "", eos_token=self.hf.eos_token or "", **kwargs)
+
+    def chat_template_variables(self) -> frozenset[str]:
+        """Names the chat template reads (``tools`` if it renders tool definitions); empty
+        without a template."""
+        return self._renderer.variables(self.chat_template) if self.chat_template else frozenset()
 
     @property
     def eos_token_id(self) -> int | None:

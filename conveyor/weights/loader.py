@@ -14,7 +14,7 @@ import torch
 
 from conveyor.errors import ModelLoadError
 from conveyor.models.config import ArchConfig
-from conveyor.models.int8 import int8_supported, quantize_linears
+from conveyor.models.int8 import check_supported, quantize_linears
 from conveyor.models.llama import LlamaForCausalLM, fuse_hf_state_dict
 from conveyor.models.packed import pack_linears
 from conveyor.models.rope import RotaryEmbedding
@@ -66,7 +66,10 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
                 attention_backend: str = "sdpa", quantization: str | None = None) -> LlamaForCausalLM:
     """Load weights into our module tree (strict: every parameter present, nothing unknown);
     with ``quantization="int8"`` the layer GEMMs become int8 (``models/int8.py``); the remaining
-    linear layers are prepacked for oneDNN where supported (``models/packed.py``)."""
+    linear layers are prepacked for oneDNN where supported (``models/packed.py``). An int8 that
+    cannot run here is refused (ConfigError) before the checkpoint is read."""
+    if quantization == "int8":
+        check_supported(device)
     cfg, state = load_checkpoint(path)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -88,9 +91,6 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
             module.reset_tables(cfg)
     model = model.to(device).eval()
     if quantization == "int8":
-        if device.type != "cpu" or not int8_supported():
-            raise ModelLoadError("--quantization int8 needs the CPU and a torch with oneDNN "
-                                 "(torch.ops.onednn.qlinear_pointwise)")
         quantize_linears(model)
     pack_linears(model)
     return model
