@@ -9,6 +9,11 @@ from __future__ import annotations
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 
 
+def fake_token(tokens: list[int], vocab: int) -> int:
+    """The token the fake runners "sample": a pure function of the request's tokens so far."""
+    return (sum(tokens) * 31 + len(tokens)) % vocab
+
+
 class FakeRunner:
     def __init__(self, block_size: int, vocab: int = 1000, eos: int | None = None):
         self.block_size = block_size
@@ -36,7 +41,7 @@ class FakeRunner:
             assert st["computed"] <= len(st["tokens"])
             assert len(st["blocks"]) * self.block_size >= st["computed"]
             if st["computed"] == len(st["tokens"]):
-                tok = (sum(st["tokens"]) * 31 + len(st["tokens"])) % self.vocab
+                tok = fake_token(st["tokens"], self.vocab)
                 st["tokens"].append(tok)
                 ids.append(rid)
                 toks.append(tok)
