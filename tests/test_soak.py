@@ -4,6 +4,7 @@ held KV block, an unhealthy /health) the verdict fails; only loopback targets ar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -127,3 +128,55 @@ def test_durations_and_loopback_only():
     for url in ("http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000"):
         with pytest.raises(InvalidRequestError, match="only targets a server on this machine"):
             SoakConfig(url, duration_s=1)
+
+
+def _trickling_app(events: int, pause: float) -> Starlette:
+    """Streams ``events`` SSE events ``pause`` seconds apart and never sends [DONE]."""
+    from starlette.responses import StreamingResponse
+
+    async def trickle(request):
+        async def body():
+            for i in range(events):
+                yield f"data: {{\"i\": {i}}}\n\n".encode()
+                await asyncio.sleep(pause)
+            await asyncio.sleep(3600)
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/{path:path}", trickle, methods=["POST"])])
+
+
+def test_a_timed_out_request_names_its_case_and_how_far_it_got():
+    import random
+
+    from conveyor.bench.soak_clients import SoakTarget, run_client
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_trickling_app(3, 0.05), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        target = SoakTarget(f"http://127.0.0.1:{port}", "m", None, 1 << 16, timeout_s=1.5)
+
+        async def one():
+            async with httpx.AsyncClient() as client:
+                return await run_client(Kind.SLOW_READER, client, target, random.Random(0))
+        result = asyncio.run(one())
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert result.outcome is Outcome.FAILED and result.status == 200
+    assert result.case.endswith("slow reader") and result.started > 0
+    assert "no complete answer within 2 s" in result.detail
+    assert "HTTP 200 after" in result.detail and "3 event(s)" in result.detail
+
+
+def test_an_oversubscribed_machine_is_named_in_the_report():
+    from conveyor.bench.soak import format_report, load_note
+    quiet = SoakReport(config={}, num_cpus=2, load_samples=[(0.0, 1.5), (5.0, 2.0)])
+    busy = SoakReport(config={}, num_cpus=2, load_samples=[(0.0, 9.0), (5.0, 12.0)])
+    assert load_note(quiet) is None and load_note(SoakReport(config={})) is None
+    note = load_note(busy)
+    assert note and "mean 10.5, peak 12.0 on 2 CPUs" in note
+    assert note in format_report(busy)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import random
 import time
 from collections import Counter
@@ -102,6 +103,8 @@ class SoakReport:
     cases: dict[str, int] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
+    load_samples: list[tuple[float, float]] = field(default_factory=list)   # 1-min load average
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     rss_after_warmup: int | None = None
     rss_final: int | None = None
     kv_free_blocks: int | None = None
@@ -172,7 +175,7 @@ async def _soak(config: SoakConfig, log) -> SoakReport:
         await probe.wait_idle(config.idle_timeout_s)
         report.seconds = time.monotonic() - start
         await _final_state(probe, report)
-    _tally(report, results)
+    _tally(report, results, start)
     report.checks = evaluate(report, config.rss_tolerance)
     return report
 
@@ -212,11 +215,28 @@ async def _workers(config: SoakConfig, client: httpx.AsyncClient, target: SoakTa
 
 
 async def _sample_rss(probe: ServerProbe, report: SoakReport, start: float) -> None:
+    """RSS of the server and this machine's load, every few seconds: a server starved of CPU
+    (load well above the core count) answers slowly, and the report must say so."""
     while True:
         rss = await probe.rss()
+        at = round(time.monotonic() - start, 1)
         if rss is not None:
-            report.rss_samples.append((round(time.monotonic() - start, 1), rss))
+            report.rss_samples.append((at, rss))
+        report.load_samples.append((at, os.getloadavg()[0]))
         await asyncio.sleep(_SAMPLE_EVERY_S)
+
+
+def load_note(report: SoakReport) -> str | None:
+    """A warning line when the machine was oversubscribed during the run, else None."""
+    if not report.load_samples:
+        return None
+    peak = max(load for _, load in report.load_samples)
+    mean = sum(load for _, load in report.load_samples) / len(report.load_samples)
+    if mean <= report.num_cpus:
+        return None
+    return (f"warning: the machine was oversubscribed (load average mean {mean:.1f}, peak "
+            f"{peak:.1f} on {report.num_cpus} CPUs): the server was starved of CPU, so "
+            "timeouts here measure the machine, not the server; soak on a quiet machine")
 
 
 async def _final_state(probe: ServerProbe, report: SoakReport) -> None:
@@ -227,7 +247,7 @@ async def _final_state(probe: ServerProbe, report: SoakReport) -> None:
     report.health_status = await probe.health()
 
 
-def _tally(report: SoakReport, results: list[ClientResult]) -> None:
+def _tally(report: SoakReport, results: list[ClientResult], start: float) -> None:
     report.num_requests = len(results)
     counts = {kind.value: Counter() for kind in Kind}
     for r in results:
@@ -235,7 +255,7 @@ def _tally(report: SoakReport, results: list[ClientResult]) -> None:
     report.counts = {k: {o.value: c[o.value] for o in Outcome} for k, c in counts.items()}
     report.cases = dict(Counter(f"{r.kind.value}: {r.case}" for r in results).most_common())
     report.failures = [{"kind": r.kind.value, "case": r.case, "status": r.status,
-                        "detail": r.detail}
+                        "at_s": round(r.started - start, 1), "detail": r.detail}
                        for r in results if r.outcome is Outcome.FAILED][:_MAX_FAILURE_SAMPLES]
 
 
@@ -271,7 +291,11 @@ def format_report(report: SoakReport) -> str:
     for kind, counts in report.counts.items():
         lines.append(f"{kind:<12}" + "".join(f"{counts[o.value]:>11}" for o in Outcome))
     for f in report.failures[:10]:
-        lines.append(f"  failed {f['kind']} ({f['case']}, HTTP {f['status']}): {f['detail']}")
+        lines.append(f"  failed {f['kind']} ({f['case']}, HTTP {f['status']}, sent at "
+                     f"{f['at_s']:.0f} s): {f['detail']}")
     for check in report.checks:
         lines.append(f"[{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    note = load_note(report)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
