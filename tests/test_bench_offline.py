@@ -12,7 +12,7 @@ from conveyor.bench.offline import run_offline
 from conveyor.bench.workloads import BenchRequest, Workload
 from conveyor.core.outputs import StepStats
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 class FakeClock:

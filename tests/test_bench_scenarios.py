@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conveyor.bench import scenarios
-from conveyor.bench.scenario_params import (SCENARIO_PARAMS, FairnessParams, PreemptionParams,
+from conveyor.bench.scenarios import plan as scenarios
+from conveyor.bench.scenarios.params import (SCENARIO_PARAMS, FairnessParams, PreemptionParams,
                                             PrefixParams, PriorityParams, params_from)
-from conveyor.bench.scenario_workloads import (count_for, priority_workload, tenant_counts,
+from conveyor.bench.scenarios.workloads import (count_for, priority_workload, tenant_counts,
                                                tenant_subset, two_tenant_workload)
 from conveyor.bench.workloads import LengthDist, WorkloadError, synthetic_workload
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 def _base(n: int, seed: int = 0):

@@ -8,8 +8,8 @@ from conftest import run_engine
 from conveyor.core.outputs import EngineCoreOutput
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.llm import LLM
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.engine.llm import LLM
 
 
 def make_engine(path, **kw):

@@ -1,4 +1,4 @@
-"""``conveyor serve``: the OpenAI-compatible HTTP server (flags only; see conveyor.serving.server)."""
+"""``conveyor serve``: the OpenAI-compatible HTTP server (flags only; see conveyor.server.app)."""
 
 from __future__ import annotations
 
@@ -60,5 +60,5 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from conveyor.serving.server import run_server
+    from conveyor.server.app import run_server
     return run_server(args)

@@ -22,7 +22,7 @@ from conveyor.core.engine_core import EngineCore
 from conveyor.core.outputs import EngineCoreOutput
 from conveyor.core.request import FinishReason, Request
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.outputs import (CompletionOutput, Logprob, PrefixView, RequestMetrics,
+from conveyor.engine.outputs import (CompletionOutput, Logprob, PrefixView, RequestMetrics,
                                       RequestOutput)
 from conveyor.tokenizer import IncrementalDetokenizer
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from conveyor.errors import CapacityError, InvalidRequestError
-from conveyor.serving.async_engine import EngineDeadError, EngineStoppedError, QueueFullError
+from conveyor.engine.async_engine import EngineDeadError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger("conveyor.serving")
 

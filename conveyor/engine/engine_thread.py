@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 
 from conveyor.errors import ConveyorError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger("conveyor.serving")
 

@@ -23,11 +23,11 @@ from conveyor.errors import InvalidRequestError
 from conveyor.models.packed import num_parameters
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.output_processor import OutputProcessor
-from conveyor.serving.request_checks import (check_request_args, prompt_to_ids,
+from conveyor.engine.output_processor import OutputProcessor
+from conveyor.engine.request_checks import (check_request_args, prompt_to_ids,
                                              resolve_max_tokens)
 from conveyor.structured.manager import StructuredOutputManager
-from conveyor.serving.outputs import RequestOutput
+from conveyor.engine.outputs import RequestOutput
 from conveyor.tokenizer import load_tokenizer
 from conveyor.weights.loader import build_model, resolve_model_path
 

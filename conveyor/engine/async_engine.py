@@ -32,10 +32,10 @@ from typing import Any
 
 from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine_thread import (AddCommand, EngineDeadError, EngineSnapshot,
+from conveyor.engine.engine_thread import (AddCommand, EngineDeadError, EngineSnapshot,
                                             EngineThread, Inbox, OutputObserver)
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.serving.request_stream import RequestStream
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.request_stream import RequestStream
 
 logger = logging.getLogger("conveyor.serving")
 

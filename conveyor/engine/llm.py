@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.outputs import RequestOutput
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.engine.outputs import RequestOutput
 
 
 class LLM:
