@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conveyor.cli.args import add_engine_args, parse_bytes
+from conveyor.cli.args import add_engine_args, engine_kwargs, parse_bytes
 from conveyor.tools.formats import FORMATS
 
 
@@ -61,4 +61,4 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from conveyor.server.app import run_server
-    return run_server(args)
+    return run_server(args, engine_kwargs(args))

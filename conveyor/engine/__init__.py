@@ -6,7 +6,8 @@
 - ``llm``: ``LLM``, the offline API.
 - ``async_engine`` / ``engine_thread`` / ``request_stream``: ``AsyncEngine``, the asyncio front
   of an ``LLMEngine`` stepping on its own thread.
-- ``stats``: ``EngineStats``, the typed snapshot of scheduler and KV-cache occupancy.
+- ``LLMEngine.stats()`` is ``core.stats.EngineStats``, the typed snapshot of scheduler and
+  KV-cache occupancy; outputs of ``EngineCore`` are data only (``core.outputs``).
 
 Never imports fastapi, starlette, uvicorn or httpx (``conveyor.server`` does).
 """

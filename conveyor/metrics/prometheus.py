@@ -34,7 +34,7 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class Snapshot(Protocol):
-    """What the gauges read (``conveyor.engine.engine_thread.EngineSnapshot`` has these)."""
+    """What the gauges read (``conveyor.core.stats.EngineStats`` has these)."""
 
     num_running: int
     num_waiting: int

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: app factory, access guard, model loading and lifecycle.
 
 ``build_app(config, load_engine)`` returns a FastAPI app that starts answering at once: the model
-loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args)`` serves it with
-uvicorn and implements graceful shutdown. Invariants:
+loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args, engine_kwargs)``
+serves it with uvicorn and implements graceful shutdown. Never imports ``conveyor.cli``: the CLI
+hands over its parsed flags. Invariants:
 
 - Every route except ``api_docs.PUBLIC_PATHS`` (``/health``, ``/openapi.json``, ``/docs``)
   requires a configured API key (``server.auth``: compared in constant time against every key);
@@ -207,15 +208,14 @@ def _bearer_token(scope) -> str | None:
     return None
 
 
-def run_server(args) -> int:
-    """``conveyor serve``: build the app from parsed flags and serve it until SIGTERM (see
-    ``lifecycle``)."""
-    from conveyor.cli.args import engine_kwargs
+def run_server(args, engine_kwargs: dict) -> int:
+    """``conveyor serve``: build the app from parsed flags (``engine_kwargs``: the engine's
+    options, which the CLI gathers) and serve it until SIGTERM (see ``lifecycle``)."""
     from conveyor.engine.llm_engine import LLMEngine
 
     config = server_config_from_args(args)
     limits = connection_limits_from_args(args)
-    kwargs = engine_kwargs(args)
+    kwargs = engine_kwargs
     failures: list[str] = []
 
     def on_load_error(message: str) -> None:

@@ -119,12 +119,6 @@ class AppState:
         """400 before tokenizing a prompt too long for the context under any tokenization."""
         check_prompt_chars(num_chars, self.max_prompt_chars, self.max_model_len)
 
-    def check_prompt_length(self, num_tokens: int) -> None:
-        if num_tokens >= self.max_model_len:
-            raise ApiError(400, f"the prompt has {num_tokens} tokens but the context length is "
-                                f"{self.max_model_len}; shorten the prompt", param="prompt",
-                           code="context_length_exceeded")
-
 
 def app_state(request: Request) -> AppState:
     return request.app.state.conveyor

@@ -85,13 +85,12 @@ async def _parse(request: Request, model: type) -> tuple[AppState, Any]:
 
 async def _generate(state: AppState, request: Request, req: Any, params: SamplingParams,
                     prompt_ids: list[int], chat: bool, tools: ChatTools | None = None) -> Response:
-    state.check_prompt_length(len(prompt_ids))
     if params.structured_outputs is not None:    # a bad or slow grammar is a 400, before any byte
         await state.require_engine().engine.structured.precompile(params)
     priority, tenant = request_identity(request, req.priority)
     prefix = "chatcmpl" if chat else "cmpl"
     meta = ResponseMeta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat)
-    max_new = params.max_tokens or state.max_model_len - len(prompt_ids)
+    max_new = params.max_tokens or max(0, state.max_model_len - len(prompt_ids))
     lease = state.tenant_limiter.acquire(tenant, len(prompt_ids) + max_new * params.n)
     try:
         stream = await state.require_engine().add_request(
