@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy so that `import conveyor` (and the pure-Python core) does not pull in torch.
     if name == "LLM":
-        from conveyor.serving.llm import LLM
+        from conveyor.engine.llm import LLM
         return LLM
     if name == "LLMEngine":
-        from conveyor.serving.engine import LLMEngine
+        from conveyor.engine.llm_engine import LLMEngine
         return LLMEngine
     raise AttributeError(name)

@@ -18,6 +18,10 @@ class InvalidRequestError(ConveyorError, ValueError):
         self.param = param
 
 
+class ContextLengthError(InvalidRequestError):
+    """The prompt alone fills the model's context (HTTP 400, code ``context_length_exceeded``)."""
+
+
 class ConfigError(InvalidRequestError):
     """A start-up option cannot work on this machine or with the other options (e.g. a CPU feature
     it needs is missing); the message names the option, what is missing and what to change."""

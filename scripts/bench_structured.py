@@ -25,7 +25,7 @@ import conveyor.sampling.sampler as sampler
 from conveyor import platform
 from conveyor.structured.request_state import StructuredRequest
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 from conveyor.structured import StructuredOutputsParams
 
 SCHEMA = {"type": "object", "required": ["orders"], "properties": {"orders": {

@@ -20,7 +20,7 @@ import torch
 
 from conveyor.attention.backend import AttentionMetadata
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.",

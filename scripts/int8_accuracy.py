@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bf16_accuracy import perplexity
 
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 
 def int8_weight(w: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from conveyor import platform
 from conveyor.runner import model_runner as mr
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
             "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise")

@@ -13,7 +13,7 @@ NUM_BLOCKS = 24
 
 @functools.cache
 def small_engine():
-    from conveyor.serving.engine import LLMEngine
+    from conveyor.engine.llm_engine import LLMEngine
     return LLMEngine.from_kwargs(dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
                                  num_blocks=NUM_BLOCKS, max_model_len=384)
 

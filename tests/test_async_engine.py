@@ -12,7 +12,7 @@ import pytest
 from conveyor import SamplingParams
 from conveyor.core.request import RequestStatus
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.async_engine import (AsyncEngine, EngineDeadError, EngineStoppedError,
+from conveyor.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStoppedError,
                                            QueueFullError)
 from engine_helpers import NUM_BLOCKS, assert_all_blocks_free, greedy, prompt, small_engine
 

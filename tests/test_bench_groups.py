@@ -12,6 +12,7 @@ from conveyor.bench.metrics import summarize, summarize_groups
 from conveyor.bench.offline import RunResult, counters_delta, engine_counters
 from conveyor.bench.records import RequestRecord
 from conveyor.bench.report import build_report, run_entry
+from conveyor.core.stats import EngineStats
 
 
 def _records() -> list[RequestRecord]:
@@ -59,7 +60,9 @@ def test_a_single_value_makes_no_group_and_priorities_sort_numerically():
 def test_engine_counters_and_their_delta():
     kv = SimpleNamespace(num_prefix_queries=100, num_prefix_hits=40)
     sched = SimpleNamespace(num_preemptions_by_mode={"recompute": 1, "swap": 0})
-    engine = SimpleNamespace(core=SimpleNamespace(kv_manager=kv, scheduler=sched))
+    engine = SimpleNamespace(stats=lambda: EngineStats(
+        prefix_cache_queries=kv.num_prefix_queries, prefix_cache_hits=kv.num_prefix_hits,
+        preemptions_by_mode=tuple(sorted(sched.num_preemptions_by_mode.items()))))
     before = engine_counters(engine)
     kv.num_prefix_queries, kv.num_prefix_hits = 300, 100
     sched.num_preemptions_by_mode["swap"] = 2

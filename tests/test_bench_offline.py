@@ -4,7 +4,6 @@ smoke run of ``conveyor bench offline`` on the real default model."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +11,7 @@ from conveyor.bench.offline import run_offline
 from conveyor.bench.workloads import BenchRequest, Workload
 from conveyor.core.outputs import StepStats
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 class FakeClock:
@@ -36,7 +35,7 @@ class FakeEngine:
         self.running: dict[str, list] = {}
         self.added: list[tuple[str, float, float]] = []     # (id, fake time added, arrival_time)
         self.groups: dict[str, tuple[int, str]] = {}         # id -> (priority, tenant) as sent
-        self.core = SimpleNamespace(step_log=[StepStats(), StepStats()])   # earlier steps (warm-up)
+        self.step_log = [StepStats(), StepStats()]                         # earlier steps (warm-up)
 
     def add_request(self, prompt, params, *, request_id, arrival_time, priority=0, tenant=""):
         if params.max_tokens > 100:
@@ -62,7 +61,7 @@ class FakeEngine:
             outs.append(RequestOutput(rid, None, [1], [comp], done, RequestMetrics(0.0)))
             if done:
                 del self.running[rid]
-        self.core.step_log.append(StepStats(start_time=start, end_time=self.clock.now, max_num_seqs=4,
+        self.step_log.append(StepStats(start_time=start, end_time=self.clock.now, max_num_seqs=4,
                                             slot_of=slots, useful_request_ids=list(slots)))
         return outs
 

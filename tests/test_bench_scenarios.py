@@ -11,13 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conveyor.bench import scenarios
-from conveyor.bench.scenario_params import (SCENARIO_PARAMS, FairnessParams, PreemptionParams,
+from conveyor.bench.scenarios import plan as scenarios
+from conveyor.bench.scenarios.params import (SCENARIO_PARAMS, FairnessParams, PreemptionParams,
                                             PrefixParams, PriorityParams, params_from)
-from conveyor.bench.scenario_workloads import (count_for, priority_workload, tenant_counts,
+from conveyor.bench.scenarios.workloads import (count_for, priority_workload, tenant_counts,
                                                tenant_subset, two_tenant_workload)
 from conveyor.bench.workloads import LengthDist, WorkloadError, synthetic_workload
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.core.stats import EngineStats
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 def _base(n: int, seed: int = 0):
@@ -78,24 +79,29 @@ class TinyEngine:
 
     def __init__(self, kwargs: dict, built: list):
         self.kwargs, self.sent, self.running = kwargs, [], {}
-        self.core = SimpleNamespace(
-            step_log=None, kv_manager=SimpleNamespace(num_prefix_queries=0, num_prefix_hits=0),
-            scheduler=SimpleNamespace(num_preemptions_by_mode={"recompute": 0, "swap": 0}))
+        self.step_log = None
+        self.kv = SimpleNamespace(num_prefix_queries=0, num_prefix_hits=0)
+        self.preemptions = {"recompute": 0, "swap": 0}
         built.append(self)
 
     def add_request(self, prompt, params, *, request_id, arrival_time=None, priority=0, tenant=""):
         self.sent.append((request_id, priority, tenant, len(prompt)))
-        kv = self.core.kv_manager
+        kv = self.kv
         cached = len(prompt) // 2 if self.kwargs.get("enable_prefix_caching", True) else 0
         kv.num_prefix_queries += len(prompt)
         kv.num_prefix_hits += cached
         self.running[request_id] = [params.max_tokens, [], cached]
         mode = self.kwargs.get("preemption_mode")
         if mode in ("recompute", "swap") and request_id.endswith("/0"):
-            self.core.scheduler.num_preemptions_by_mode[mode] += 1
+            self.preemptions[mode] += 1
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(prefix_cache_queries=self.kv.num_prefix_queries,
+                           prefix_cache_hits=self.kv.num_prefix_hits,
+                           preemptions_by_mode=tuple(sorted(self.preemptions.items())))
 
     def step(self) -> list[RequestOutput]:
         time.sleep(0.001)

@@ -8,7 +8,7 @@ import torch
 from conftest import run_engine
 from conveyor import platform
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "The three primary colors are", "Once upon a time, in a small village,",

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from conveyor import SamplingParams
-from conveyor.serving.async_engine import AsyncEngine, EngineStoppedError
-from conveyor.serving.outputs import PrefixView
-from conveyor.serving.server import ServerConfig, build_app
-from conveyor.serving.tokenizer_pool import TokenizerBusyError, TokenizerPool
+from conveyor.engine.async_engine import AsyncEngine, EngineStoppedError
+from conveyor.engine.outputs import PrefixView
+from conveyor.server.app import ServerConfig, build_app
+from conveyor.server.tokenizer_pool import TokenizerBusyError, TokenizerPool
 from engine_helpers import assert_all_blocks_free, greedy, prompt, small_engine
 
 

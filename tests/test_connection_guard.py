@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from conveyor.serving.connection_guard import ConnectionGuard, ConnectionLimits
+from conveyor.server.connection_guard import ConnectionGuard, ConnectionLimits
 from server_process import free_port
 
 PARTIAL = [b"", b"GET /heal", b"GET /health HTTP/1.1\r\nHost: x\r\n",

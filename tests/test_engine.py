@@ -8,8 +8,8 @@ from conftest import run_engine
 from conveyor.core.outputs import EngineCoreOutput
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.llm import LLM
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.engine.llm import LLM
 
 
 def make_engine(path, **kw):
@@ -102,7 +102,7 @@ def test_emoji_split_across_tokens_streams_intact(tiny_llama_dir):
     ids = tok.encode(text, add_special_tokens=False)
     assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))   # really split
     rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=len(ids), ignore_eos=True))
-    child = engine.output_processor.children[rid].request.request_id
+    child = engine.output_processor.children[rid].request_id
     deltas = []
     for i, t in enumerate(ids):
         finish = "length" if i == len(ids) - 1 else None

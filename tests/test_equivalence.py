@@ -15,7 +15,7 @@ import torch
 
 from conftest import StepRecorder, hf_greedy, run_engine
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 TEXT = (
     "The history of computing is a story of people finding ways to make machines do arithmetic "

@@ -16,8 +16,8 @@ import conveyor.runner.model_runner as model_runner_module
 import conveyor.sampling.metadata as metadata_module
 from conftest import run_engine
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.server import ServerConfig, build_app
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.server.app import ServerConfig, build_app
 from conveyor.tokenizer import IncrementalDetokenizer
 
 PROMPT_A = [(7 * j) % 40000 + 20 for j in range(12)]        # one full block of 8 + 4

@@ -156,7 +156,7 @@ def test_int8_model_stays_close_to_fp32_on_ragged_batches(seed):
 def test_int8_engine_runs_close_to_fp32_and_frees_every_block():
     from engine_helpers import NUM_BLOCKS, greedy
 
-    from conveyor.serving.engine import LLMEngine
+    from conveyor.engine.llm_engine import LLMEngine
     kw = {"max_num_seqs": 4, "max_num_batched_tokens": 32, "num_blocks": NUM_BLOCKS, "max_model_len": 384}
     outs = {}
     for name, extra in (("fp32", {}), ("int8", {"quantization": "int8"})):
@@ -179,7 +179,7 @@ def test_int8_engine_runs_close_to_fp32_and_frees_every_block():
 
 
 def test_unknown_quantization_is_a_clear_error():
-    from conveyor.serving.engine import engine_config_from_kwargs
+    from conveyor.engine.llm_engine import engine_config_from_kwargs
     with pytest.raises(InvalidRequestError, match="quantization must be one of"):
         engine_config_from_kwargs(quantization="fp4")
 
@@ -190,7 +190,7 @@ def test_int8_is_refused_where_the_gemm_would_saturate(monkeypatch, cpu):
     in one line naming the feature, before any weight is read; with avx_vnni it runs."""
     from test_platform import CPUS
 
-    from conveyor.serving.engine import LLMEngine
+    from conveyor.engine.llm_engine import LLMEngine
     from conveyor.weights import loader
     monkeypatch.setattr(platform, "cpu_info", lambda: platform.CpuInfo.of(CPUS[cpu]))
     model = nn.Sequential(nn.Linear(8, 8))
@@ -209,7 +209,7 @@ def test_int8_is_refused_where_the_gemm_would_saturate(monkeypatch, cpu):
 
 
 def test_int8_is_refused_off_the_cpu_and_in_float16():
-    from conveyor.serving.engine import engine_config_from_kwargs
+    from conveyor.engine.llm_engine import engine_config_from_kwargs
     with pytest.raises(ConfigError, match="CPU only"):
         check_supported(torch.device("meta"))
     with pytest.raises(InvalidRequestError, match="float32 or bfloat16, not float16"):

@@ -92,8 +92,8 @@ def test_a_preempted_request_that_grew_past_the_budget_resumes_in_chunks():
 
 
 def test_the_http_edge_answers_400_naming_the_flag(tiny_llama_dir):
-    from conveyor.serving.engine import LLMEngine
-    from conveyor.serving.server import ServerConfig, build_app
+    from conveyor.engine.llm_engine import LLMEngine
+    from conveyor.server.app import ServerConfig, build_app
     engine = LLMEngine.from_kwargs(model=tiny_llama_dir, dtype="float32", max_num_seqs=2,
                                    max_num_batched_tokens=16, enable_chunked_prefill=False,
                                    num_blocks=32, max_model_len=256)

@@ -17,7 +17,7 @@ from openapi_spec_validator import validate
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from conveyor.serving.server import ServerConfig, build_app
+from conveyor.server.app import ServerConfig, build_app
 
 BODY_ROUTES = {"/v1/completions": "CompletionRequest",
                "/v1/chat/completions": "ChatCompletionRequest",

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_engine
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 PROMPTS = [[(17 * i + 5 * j) % 40000 + 30 for j in range(n)] for i, n in enumerate([20, 45, 9, 33, 60, 14])]
 

@@ -7,7 +7,7 @@ from conveyor.core.block_pool import BlockPool
 from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.request import Request
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 
 def _req(rid, tokens, salt=""):

@@ -12,8 +12,8 @@ import pytest
 
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.server import ServerConfig, build_app
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.server.app import ServerConfig, build_app
 
 VOCAB = 49152          # the tiny model's (and SmolLM2's) vocabulary
 

@@ -51,7 +51,7 @@ def test_the_last_finish_before_going_idle_reaches_the_runner_without_another_st
 
 
 def test_real_runner_drops_the_generator_of_a_request_aborted_while_preempted(tiny_llama_dir):
-    from conveyor.serving.engine import LLMEngine
+    from conveyor.engine.llm_engine import LLMEngine
     engine = LLMEngine.from_kwargs(model=tiny_llama_dir, dtype="float32", max_num_seqs=4,
                                    max_num_batched_tokens=64, num_blocks=6, block_size=8,
                                    max_model_len=48, enable_prefix_caching=False)

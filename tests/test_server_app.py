@@ -11,8 +11,8 @@ import httpx
 import pytest
 from engine_helpers import assert_all_blocks_free, prompt, small_engine
 
-from conveyor.serving.auth import ApiKey
-from conveyor.serving.server import ServerConfig, build_app, run_on_own_thread
+from conveyor.server.auth import ApiKey
+from conveyor.server.app import ServerConfig, build_app, run_on_own_thread
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 from engine_helpers import assert_all_blocks_free, small_engine
 
-from conveyor.serving.server import ServerConfig, build_app
+from conveyor.server.app import ServerConfig, build_app
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
           "properties": {"city": {"type": "string", "maxLength": 12},

@@ -23,9 +23,9 @@ from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.request import Request
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.auth import ApiKey, KeyRing, load_api_key_file, parse_api_key
-from conveyor.serving import server as server_module
-from conveyor.serving.server import ServerConfig, build_app, server_config_from_args
+from conveyor.server.auth import ApiKey, KeyRing, load_api_key_file, parse_api_key
+from conveyor.server import app as server_module
+from conveyor.server.app import ServerConfig, build_app, server_config_from_args
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.http_errors import ApiError
-from conveyor.serving.tenant_limits import TenantLimiter
+from conveyor.server.http_errors import ApiError
+from conveyor.server.tenant_limits import TenantLimiter
 
 
 class Clock:

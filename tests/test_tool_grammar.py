@@ -93,7 +93,7 @@ def test_strict_auto_uses_a_structural_tag_free_outside_calls(accepts):
 
 
 def test_a_schema_the_grammar_engine_cannot_enforce_is_a_400_naming_the_tool():
-    from conveyor.serving.tool_calls import ChatTools
+    from conveyor.server.tool_calls import ChatTools
     bad = [TOOLS[0], {"type": "function", "function": {
         "name": "odd", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}}]
     tools = ChatTools(tool_request(bad, "required", None), FORMATS["hermes"])

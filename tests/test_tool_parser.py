@@ -137,9 +137,9 @@ def test_result_does_not_depend_on_how_the_text_is_split(fragments, cuts, fmt_na
 
 
 def test_stream_chunks_and_whole_reply_agree_per_choice():
-    from conveyor.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-    from conveyor.serving.responses import ResponseMeta, delta_chunk, full_response
-    from conveyor.serving.tool_calls import ChatTools, stream_chunks
+    from conveyor.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+    from conveyor.server.responses import ResponseMeta, delta_chunk, full_response
+    from conveyor.server.tool_calls import ChatTools, stream_chunks
     tools = ChatTools(request(), HERMES)
     meta = ResponseMeta("chatcmpl-1", 0, "m", chat=True)
     texts = {0: "Hi " + hermes_call("add", {"a": 1}), 1: "Just text, no call.",

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.tool_calls import ChatTools
+from conveyor.server.tool_calls import ChatTools
 from conveyor.tools.formats import HERMES
 from conveyor.tools.spec import tool_request
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conveyor.metrics.prometheus import ServingMetrics
-from conveyor.serving.async_engine import AsyncEngine
+from conveyor.engine.async_engine import AsyncEngine
 from engine_helpers import assert_all_blocks_free, greedy, prompt, small_engine
 from server_process import ServerProcess
 from test_connection_guard import half_open, wait_all_closed

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from conveyor.cli import main
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 _from_kwargs = LLMEngine.from_kwargs.__func__
 

@@ -5,9 +5,10 @@
   producing ``records``.
 - ``metrics``: the arithmetic (per run and per tenant / priority group); ``report`` / ``console`` /
   ``plots``: JSON, table, PNGs; ``suite``: policy matrices.
-- ``scenarios`` (with ``scenario_params``, ``scenario_workloads``, ``findings``): seeded
-  experiments (fairness, priority, prefix, preemption), each a few runs side by side.
+- ``scenarios/`` (``plan``, ``params``, ``workloads``, ``findings``): seeded experiments
+  (fairness, priority, prefix, preemption), each a few runs side by side.
 
-Drives only public APIs (``LLMEngine``, its step log and, read-only, its prefix-cache and
-preemption counters; or HTTP); never changes engine state beyond submitting requests.
+Drives only public APIs (``LLMEngine``: ``add_request``, ``step``, ``step_log`` and the typed
+``stats()``; or HTTP); never reads engine internals nor changes engine state beyond submitting
+requests.
 """

@@ -4,9 +4,9 @@ Owns the step loop of ``conveyor bench offline`` / ``compare``: a request is add
 arrival time comes (with that arrival time, so time spent waiting for a running step counts as
 queueing), the engine steps whenever it has work, and the loop sleeps only when the engine is idle
 and the next request has not arrived yet. Uses the engine's public API only: ``add_request``,
-``step``, ``has_unfinished_requests``, the step log the engine keeps with ``record_steps=True``,
-and (read-only, where present) the engine's cumulative prefix-cache and preemption counters, whose
-change over a run is reported as the run's ``engine_stats``.
+``step``, ``has_unfinished_requests``, ``step_log`` (the ``StepStats`` the engine keeps with
+``record_steps=True``) and ``stats()`` (its typed ``EngineStats``), whose cumulative prefix-cache
+and preemption counters' change over a run is reported as the run's ``engine_stats``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from conveyor.bench.records import RequestRecord, StepSample, samples_from_step_log
 from conveyor.bench.workloads import BenchRequest, Workload
+from conveyor.core.stats import EngineStats
 from conveyor.errors import ConveyorError
 from conveyor.sampling_params import SamplingParams
 
@@ -56,20 +57,15 @@ def warm_up(engine, num_requests: int = 2, prompt_len: int = 16, max_tokens: int
         engine.step()
 
 
-def _step_log(engine) -> list | None:
-    return getattr(getattr(engine, "core", None), "step_log", None)
-
-
 def engine_counters(engine) -> dict | None:
-    """The engine's cumulative prefix-cache (tokens) and per-mode preemption counters, or None."""
-    core = getattr(engine, "core", None)
-    kv, sched = getattr(core, "kv_manager", None), getattr(core, "scheduler", None)
-    queries, hits = getattr(kv, "num_prefix_queries", None), getattr(kv, "num_prefix_hits", None)
-    by_mode = getattr(sched, "num_preemptions_by_mode", None)
-    if not isinstance(queries, int) or not isinstance(hits, int):
+    """The engine's cumulative prefix-cache (tokens) and per-mode preemption counters, from its
+    ``stats()``; None for an engine that reports none."""
+    read = getattr(engine, "stats", None)
+    if read is None:
         return None
-    return {"queries": queries, "hits": hits,
-            "by_mode": dict(by_mode) if isinstance(by_mode, dict) else {}}
+    stats: EngineStats = read()
+    return {"queries": stats.prefix_cache_queries, "hits": stats.prefix_cache_hits,
+            "by_mode": stats.preemptions}
 
 
 def counters_delta(before: dict | None, after: dict | None) -> dict | None:
@@ -98,7 +94,7 @@ def run_offline(engine, workload: Workload, label: str = "offline", config: dict
     """
     prefix = f"{id_prefix if id_prefix is not None else label}/"
     pending = deque(sorted(workload.requests, key=lambda r: r.arrival_s))
-    log = _step_log(engine)
+    log = engine.step_log
     log_start = len(log) if log is not None else 0
     counters = engine_counters(engine)
     records: dict[str, RequestRecord] = {}
@@ -155,7 +151,7 @@ def _collect(outputs, records: dict[str, RequestRecord], prefix: str, now: float
         if out.finished:
             rec.finish = now
             rec.num_preemptions = out.metrics.num_preemptions
-            rec.cached_tokens = getattr(out, "num_cached_tokens", None)
+            rec.cached_tokens = out.num_cached_tokens
             if comp.finish_reason in ("abort", "error"):
                 rec.error = out.error or f"finished with reason {comp.finish_reason!r}"
             bar.update(1)
@@ -163,4 +159,4 @@ def _collect(outputs, records: dict[str, RequestRecord], prefix: str, now: float
 
 def _max_num_seqs(engine) -> int:
     config = getattr(engine, "config", None)
-    return getattr(getattr(config, "scheduler", None), "max_num_seqs", 1) or 1
+    return config.scheduler.max_num_seqs if config is not None else 1

@@ -1,7 +1,7 @@
 """What a benchmark run observed: one ``RequestRecord`` per request, one ``StepSample`` per step.
 
 Owns the plain records that metrics, reports and plots read, and the conversion from the engine's
-step log (``engine.core.step_log``, a list of ``StepStats``) into ``StepSample``. All times are
+step log (``engine.step_log``, a list of ``StepStats``) into ``StepSample``. All times are
 seconds since the run started (the first request's arrival), so records from an in-process run
 and from an HTTP run read the same way.
 """
@@ -9,6 +9,8 @@ and from an HTTP run read the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from conveyor.core.outputs import StepStats
 
 
 @dataclass(slots=True)
@@ -82,26 +84,23 @@ class StepSample:
     end: float | None = None
 
 
-def samples_from_step_log(step_log, t0: float, max_num_seqs: int) -> list[StepSample]:
+def samples_from_step_log(step_log: list[StepStats], t0: float,
+                          max_num_seqs: int) -> list[StepSample]:
     """Convert the engine's ``StepStats`` (times in ``time.monotonic()``) into samples.
 
-    Reads fields by name and tolerates missing ones: without ``useful_request_ids`` the scheduled
-    ids stand in; without ``slot_of`` slots are assigned here by ``assign_slots`` (exact for
-    continuous batching, where a request holds its slot from first to last scheduled step).
+    ``max_num_seqs`` stands in where a step recorded none; when no step recorded ``slot_of``,
+    slots are assigned here by ``assign_slots`` (exact for continuous batching, where a request
+    holds its slot from first to last scheduled step).
     """
     samples = []
     for i, st in enumerate(step_log):
-        useful = getattr(st, "useful_request_ids", None)
-        if useful is None:
-            useful = getattr(st, "scheduled_request_ids", [])
-        start, end = getattr(st, "start_time", None), getattr(st, "end_time", None)
         samples.append(StepSample(
             index=i, num_running=st.num_running, num_waiting=st.num_waiting,
             num_scheduled_tokens=st.num_scheduled_tokens, num_padding_tokens=st.num_padding_tokens,
             num_new_admissions=st.num_new_admissions, num_preemptions=st.num_preemptions,
-            kv_usage=st.kv_usage, max_num_seqs=getattr(st, "max_num_seqs", 0) or max_num_seqs,
-            slot_of=dict(getattr(st, "slot_of", None) or {}), useful_ids=list(useful),
-            start=None if start is None else start - t0, end=None if end is None else end - t0))
+            kv_usage=st.kv_usage, max_num_seqs=st.max_num_seqs or max_num_seqs,
+            slot_of=dict(st.slot_of), useful_ids=list(st.useful_request_ids),
+            start=st.start_time - t0, end=st.end_time - t0))
     if samples and not any(s.slot_of for s in samples):
         assign_slots(samples)
     return samples

@@ -89,7 +89,7 @@ _SCENARIO_ENGINE_DEFAULTS = {"max_num_seqs": 16, "max_model_len": 1024}
 
 
 def _add_scenario_parsers(bench_sub) -> None:
-    from conveyor.bench.scenario_params import SCENARIO_PARAMS
+    from conveyor.bench.scenarios.params import SCENARIO_PARAMS
     scn = bench_sub.add_parser("scenario", help="seeded experiments, runs side by side in one report")
     scn_sub = scn.add_subparsers(dest="scenario", required=True)
     for name, params in SCENARIO_PARAMS.items():
@@ -203,7 +203,7 @@ def _bench_engine_kwargs(args) -> dict:
 
 
 def _engine_factory(args):
-    from conveyor.serving.engine import LLMEngine
+    from conveyor.engine.llm_engine import LLMEngine
     return lambda kwargs: LLMEngine.from_kwargs(attention_backend=args.attention_backend, **kwargs)
 
 
@@ -258,8 +258,8 @@ def run_serve_cmd(args) -> int:
 
 def run_scenario_cmd(args) -> int:
     from conveyor.bench.report import report_meta
-    from conveyor.bench.scenario_params import SCENARIO_PARAMS, params_from
-    from conveyor.bench.scenarios import ScenarioContext, run_scenario
+    from conveyor.bench.scenarios.params import SCENARIO_PARAMS, params_from
+    from conveyor.bench.scenarios.plan import ScenarioContext, run_scenario
     from conveyor.bench.suite import jsonable
     fields = dataclasses.fields(SCENARIO_PARAMS[args.scenario])
     params = params_from(args.scenario, {f.name: getattr(args, f"scn_{f.name}") for f in fields})

@@ -1,8 +1,8 @@
-"""``conveyor serve``: the OpenAI-compatible HTTP server (flags only; see conveyor.serving.server)."""
+"""``conveyor serve``: the OpenAI-compatible HTTP server (flags only; see conveyor.server.app)."""
 
 from __future__ import annotations
 
-from conveyor.cli.args import add_engine_args, parse_bytes
+from conveyor.cli.args import add_engine_args, engine_kwargs, parse_bytes
 from conveyor.tools.formats import FORMATS
 
 
@@ -60,5 +60,5 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from conveyor.serving.server import run_server
-    return run_server(args)
+    from conveyor.server.app import run_server
+    return run_server(args, engine_kwargs(args))

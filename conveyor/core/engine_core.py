@@ -8,6 +8,11 @@ it ready; each step's ``SchedulerOutput.grammar`` holds the bitmask of the const
 that sample in it. A request the runner reports as failed
 (``ModelRunnerOutput.failed``) finishes with "error" in that step, its blocks uncached and freed;
 the step and every other request go on.
+
+The boundary: ``step()`` and ``finish_requests()`` return data only (``EngineCoreOutputs``:
+``EngineCoreOutput`` objects stamped with each request's timings and counts, plus the step's
+``StepStats``), and ``stats()`` is the typed occupancy snapshot (``EngineStats``); nothing
+outside ``core/`` and ``conveyor.engine`` reads the scheduler, the KV manager or the pool.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.grammar_wait import GrammarWaitQueue, grammar_bitmask
 from conveyor.core.kv_cache_manager import KVCacheManager
-from conveyor.core.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput, StepStats
+from conveyor.core.outputs import (EngineCoreOutput, EngineCoreOutputs, ModelRunnerOutput,
+                                   SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
+from conveyor.core.stats import EngineStats, collect_stats
 from conveyor.core.swap import SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
 
@@ -87,13 +94,27 @@ class EngineCore:
         if not self.grammar_wait.hold(request, self.clock()):
             self.scheduler.add_request(request)
 
-    def abort_requests(self, request_ids, reason: FinishReason = FinishReason.ABORT) -> list[Request]:
-        """Finish requests in any state now; their KV blocks return to the pool in this call,
-        and, when nothing else is left to run, the runner drops their state now too."""
+    def finish_requests(self, request_ids, reason: FinishReason = FinishReason.ABORT,
+                        stop_reason: int | str | None = None) -> list[EngineCoreOutput]:
+        """Finish requests in any state now (abort, a stop string the front end found, a failed
+        sibling); their KV blocks return to the pool in this call, and, when nothing else is left
+        to run, the runner drops their state now too. Returns a no-token output per request it
+        finished (ids unknown or already finished are skipped)."""
+        return [EngineCoreOutput.of_finished(r)
+                for r in self.abort_requests(request_ids, reason, stop_reason)]
+
+    def abort_requests(self, request_ids, reason: FinishReason = FinishReason.ABORT,
+                       stop_reason: int | str | None = None) -> list[Request]:
+        """``finish_requests``, returning the finished ``Request`` objects themselves (for
+        ``core/``'s own callers and tests; the front end uses ``finish_requests``)."""
         done = self.grammar_wait.finish(request_ids, reason, self.clock())
-        done += self.scheduler.finish_requests(request_ids, reason)
+        done += self.scheduler.finish_requests(request_ids, reason, stop_reason)
         self._tell_runner_if_idle()
         return done
+
+    def stats(self) -> EngineStats:
+        """Occupancy now and the cumulative counters (typed, data only)."""
+        return collect_stats(self.scheduler, self.kv_manager, self.num_steps)
 
     def _tell_runner_if_idle(self) -> None:
         """No step follows when nothing is left to run: hand the runner the finished ids now."""
@@ -104,26 +125,31 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.grammar_wait)
 
-    def step(self) -> list[EngineCoreOutput]:
-        """Run one iteration. Returns the requests that got a token (or finished) this step."""
+    def step(self) -> EngineCoreOutputs:
+        """Run one iteration. Returns the requests that got a token (or finished) this step,
+        each stamped with its request's timings and counts, and the step's ``StepStats``."""
         start = self.clock()
         ready, failed = self.grammar_wait.poll(start)
         for request in ready:
             self.scheduler.add_request(request)
         sched_out = self.scheduler.schedule()
+        stats = self.scheduler.last_stats
         if sched_out.is_empty and not sched_out.finished_request_ids:
-            return failed
+            return EngineCoreOutputs(failed, stats)
         sched_out.grammar = grammar_bitmask(sched_out, self.scheduler.requests)
         runner_out = self.executor.execute(sched_out)
         failed = failed + self._fail_requests(runner_out.failed)
-        outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
+        live = self.scheduler.requests
+        sampled = {rid: live[rid] for rid in runner_out.request_ids if rid in live}
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        for out in updated:
+            out.stamp(sampled[out.request_id])
         if self.step_log is not None and not sched_out.is_empty:
-            stats = self.scheduler.last_stats
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)
         self.num_steps += 1
         self._tell_runner_if_idle()
-        return outputs
+        return EngineCoreOutputs(failed + updated, stats)
 
     def _fail_requests(self, reasons: dict[str, str]) -> list[EngineCoreOutput]:
         """Finish with "error" the requests whose own work failed in the runner (``reasons``:
@@ -138,7 +164,7 @@ class EngineCore:
             self.kv_manager.uncache(req)
             self.scheduler.finish_requests([rid], FinishReason.ERROR)
             outputs.append(EngineCoreOutput(rid, [], finish_reason=FinishReason.ERROR.value,
-                                            error=why))
+                                            error=why).stamp(req))
         return outputs
 
     def check_invariants(self) -> None:

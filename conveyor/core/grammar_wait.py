@@ -56,7 +56,7 @@ class GrammarWaitQueue:
             error = req.structured.error
             req.finish(FinishReason.ERROR, now)
             failed.append(EngineCoreOutput(rid, [], finish_reason=FinishReason.ERROR.value,
-                                           error=error))
+                                           error=error).stamp(req))
         return ready, failed
 
     def finish(self, request_ids, reason: FinishReason, now: float) -> list[Request]:

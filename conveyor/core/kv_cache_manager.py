@@ -10,9 +10,10 @@ ids); the first block's parent is the request's extra keys: its tenant (unless t
 cache, ``isolate_tenants=False``) and its ``cache_salt``, length-prefixed so that no two
 (tenant, salt) pairs collide. So a request only ever hits blocks cached under its own tenant and
 salt, and a cache hit (``num_cached_tokens``, timing) reveals nothing about other tenants' prompts.
-The hash is keyed BLAKE2b with a secret drawn per process, so clients cannot forge collisions or
-probe another salt's entries offline. A new request reuses the longest chain of cached full blocks
-of its tokens, always leaving at least its last token to compute (its logits are needed).
+The hash is keyed BLAKE2b with a secret drawn per engine (each ``KVCacheManager`` draws its own),
+so clients cannot forge collisions or probe another salt's entries offline. A new request reuses
+the longest chain of cached full blocks of its tokens, always leaving at least its last token to
+compute (its logits are needed).
 """
 
 from __future__ import annotations

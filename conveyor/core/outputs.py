@@ -80,7 +80,9 @@ class ModelRunnerOutput:
 
 @dataclass(slots=True)
 class EngineCoreOutput:
-    """New tokens for one request after a step, and whether it finished."""
+    """New tokens for one request after a step, and whether it finished; with the request's
+    timings and counts as they are after this step (``stamp``), so the front end never reads a
+    live ``Request``. Times are the core clock's (``time.monotonic()``), 0.0 = not reached."""
 
     request_id: str
     new_token_ids: list[int]
@@ -88,8 +90,35 @@ class EngineCoreOutput:
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None        # FinishReason value
     stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     error: str | None = None                # why it finished with "error" (e.g. its grammar)
+    arrival_time: float = 0.0
+    first_scheduled_time: float = 0.0
+    first_token_time: float = 0.0
+    finished_time: float = 0.0
+    num_preemptions: int = 0
+
+    def stamp(self, req) -> "EngineCoreOutput":
+        """Copy ``req``'s timings and counts (a ``core.request.Request``) into this output."""
+        self.num_cached_tokens, self.num_preemptions = req.num_cached_tokens, req.num_preemptions
+        self.arrival_time, self.first_scheduled_time = req.arrival_time, req.first_scheduled_time
+        self.first_token_time, self.finished_time = req.first_token_time, req.finished_time
+        return self
+
+    @classmethod
+    def of_finished(cls, req) -> "EngineCoreOutput":
+        """The no-token output of a request finished outside a step (abort, stop string)."""
+        return cls(req.request_id, [], finish_reason=req.finish_reason.value,
+                   stop_reason=req.stop_reason).stamp(req)
+
+
+class EngineCoreOutputs(list):
+    """What ``EngineCore.step()`` returns: the step's ``EngineCoreOutput`` objects (a list), and
+    ``stats``, the ``StepStats`` of the step's schedule (``num_scheduled_tokens`` 0: none ran)."""
+
+    def __init__(self, outputs=(), stats: "StepStats | None" = None):
+        super().__init__(outputs)
+        self.stats = stats
 
 
 @dataclass(slots=True)

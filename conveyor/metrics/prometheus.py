@@ -34,7 +34,7 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class Snapshot(Protocol):
-    """What the gauges read (``conveyor.serving.engine_thread.EngineSnapshot`` has these)."""
+    """What the gauges read (``conveyor.core.stats.EngineStats`` has these)."""
 
     num_running: int
     num_waiting: int
@@ -49,7 +49,7 @@ class Snapshot(Protocol):
 
 
 class Watchdog(Protocol):
-    """What the stall metrics read (``conveyor.serving.async_engine.AsyncEngine`` has these)."""
+    """What the stall metrics read (``conveyor.engine.async_engine.AsyncEngine`` has these)."""
 
     is_stalled: bool
     num_stalls: int

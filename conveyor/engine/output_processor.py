@@ -10,7 +10,9 @@ O(new tokens): cumulative token and logprob lists are handed out as ``PrefixView
 copied. A request's failure is its own: when one of its children finishes with "error" or its
 output work raises (detokenizing, stop strings, logprobs), every unfinished child of that request
 ends with "error" in the same step (blocks freed) and its final output carries ``error``; the
-other requests in the step are processed as if nothing happened.
+other requests in the step are processed as if nothing happened. It reads data only: the core's
+``EngineCoreOutput`` objects (deltas, finish, timings and counts) and never a live ``Request``;
+it finishes requests through ``EngineCore.finish_requests``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from dataclasses import dataclass, field
 
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.outputs import EngineCoreOutput
-from conveyor.core.request import FinishReason, Request
+from conveyor.core.request import FinishReason
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.outputs import (CompletionOutput, Logprob, PrefixView, RequestMetrics,
+from conveyor.engine.outputs import (CompletionOutput, Logprob, PrefixView, RequestMetrics,
                                       RequestOutput)
 from conveyor.tokenizer import IncrementalDetokenizer
 
@@ -31,10 +33,20 @@ logger = logging.getLogger("conveyor")
 
 @dataclass(slots=True)
 class _Child:
-    request: Request
+    request_id: str
     parent: "_Parent"
     detok: IncrementalDetokenizer
     completion: CompletionOutput
+    metrics: RequestMetrics          # as of this child's latest core output
+    num_cached_tokens: int = 0
+
+    def note(self, out: EngineCoreOutput) -> None:
+        """Take the timings and counts the core stamped on ``out``."""
+        m = self.metrics
+        m.arrival_time = out.arrival_time or m.arrival_time
+        m.first_scheduled_time, m.first_token_time = out.first_scheduled_time, out.first_token_time
+        m.finished_time, m.num_preemptions = out.finished_time, out.num_preemptions
+        self.num_cached_tokens = out.num_cached_tokens
 
 
 @dataclass(slots=True)
@@ -59,22 +71,23 @@ class OutputProcessor:
         self.children: dict[str, _Child] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-            params: SamplingParams, requests: list[Request]) -> None:
+            params: SamplingParams, child_ids: list[str], arrival_time: float) -> None:
+        """Track a request whose ``child_ids`` (one per choice, in index order) the core runs."""
         parent = _Parent(request_id, prompt, prompt_ids, params)
-        for i, req in enumerate(requests):
+        for i, child_id in enumerate(child_ids):
             detok = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
             comp = CompletionOutput(i, "", [], logprobs=[] if params.logprobs is not None else None,
                                     cumulative_logprob=0.0 if params.logprobs is not None else None)
-            child = _Child(req, parent, detok, comp)
+            child = _Child(child_id, parent, detok, comp, RequestMetrics(arrival_time))
             parent.children.append(child)
-            self.children[req.request_id] = child
+            self.children[child_id] = child
         self.parents[request_id] = parent
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self.parents.get(request_id)
-        return [] if parent is None else [c.request.request_id for c in parent.children]
+        return [] if parent is None else [c.request_id for c in parent.children]
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
@@ -89,19 +102,25 @@ class OutputProcessor:
             if parent.error is not None:
                 self._fail_unfinished(parent)
             for c in parent.children:
-                if c.request.request_id not in updated:
+                if c.request_id not in updated:
                     _clear_delta(c.completion)       # a sibling that got no token this step
         return [self._emit(p) for p in touched.values()]
 
-    def finish_aborted(self, child_ids: list[str]) -> list[RequestOutput]:
-        """Mark children finished with "abort" (the core already freed them)."""
+    def finish_aborted(self, child_ids: list[str],
+                       finished: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """Mark children finished: as ``finished`` (the core's outputs of the ones it just
+        finished, blocks already freed) says, or with "abort" when the core no longer held them."""
+        by_id = {out.request_id: out for out in finished}
         touched = {}
         for cid in child_ids:
             child = self.children.get(cid)
             if child is not None and not child.completion.finished:
                 _clear_delta(child.completion)
-                child.completion.finish_reason = child.request.finish_reason.value \
-                    if child.request.finish_reason else FinishReason.ABORT.value
+                out = by_id.get(cid)
+                if out is not None:
+                    child.note(out)
+                child.completion.finish_reason = out.finish_reason if out is not None \
+                    else FinishReason.ABORT.value
                 touched[child.parent.request_id] = child.parent
         return [self._emit(p) for p in touched.values()]
 
@@ -121,11 +140,15 @@ class OutputProcessor:
         """A child failed, so the request failed: its unfinished children end with "error" too
         (their blocks are freed now) and its client gets ``parent.error``."""
         open_children = [c for c in parent.children if not c.completion.finished]
-        self.core.abort_requests([c.request.request_id for c in open_children], FinishReason.ERROR)
+        finished = self.core.finish_requests([c.request_id for c in open_children],
+                                             FinishReason.ERROR)
+        for out in finished:
+            self.children[out.request_id].note(out)
         for c in open_children:
             c.completion.finish_reason, c.completion.stop_reason = FinishReason.ERROR.value, None
 
     def _apply(self, child: _Child, out: EngineCoreOutput) -> None:
+        child.note(out)
         comp = child.completion
         delta = child.detok.add_tokens(out.new_token_ids)
         comp.token_ids.extend(out.new_token_ids)
@@ -139,8 +162,9 @@ class OutputProcessor:
                 comp.delta_logprobs.append(lp)
                 comp.cumulative_logprob += lp.logprob
         if child.detok.stop_matched is not None and out.finish_reason is None:
-            self.core.scheduler.finish_requests([out.request_id], FinishReason.STOP,
-                                                child.detok.stop_matched)
+            for done in self.core.finish_requests([out.request_id], FinishReason.STOP,
+                                                  child.detok.stop_matched):
+                child.note(done)
             comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, child.detok.stop_matched
         elif child.detok.stop_matched is not None:
             comp.finish_reason, comp.stop_reason = FinishReason.STOP.value, child.detok.stop_matched
@@ -153,11 +177,12 @@ class OutputProcessor:
         comp.delta_text = delta
 
     def _emit(self, parent: _Parent) -> RequestOutput:
-        first = parent.children[0].request
+        first = parent.children[0]
         metrics = RequestMetrics(
-            first.arrival_time, first.first_scheduled_time, first.first_token_time,
-            max(c.request.finished_time for c in parent.children) if parent.finished else 0.0,
-            sum(c.request.num_preemptions for c in parent.children))
+            first.metrics.arrival_time, first.metrics.first_scheduled_time,
+            first.metrics.first_token_time,
+            max(c.metrics.finished_time for c in parent.children) if parent.finished else 0.0,
+            sum(c.metrics.num_preemptions for c in parent.children))
         out = RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
                             [_snapshot(c.completion, parent.finished) for c in parent.children],
                             parent.finished,
@@ -166,7 +191,7 @@ class OutputProcessor:
         if parent.finished:
             self.parents.pop(parent.request_id, None)
             for c in parent.children:
-                self.children.pop(c.request.request_id, None)
+                self.children.pop(c.request_id, None)
         return out
 
 

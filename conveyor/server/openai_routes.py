@@ -28,16 +28,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.admission import message_chars
-from conveyor.serving.api_docs import json_route
-from conveyor.serving.app_state import AppState, app_state, read_json, request_identity
-from conveyor.serving.async_engine import RequestStream
-from conveyor.serving.http_errors import ApiError, error_event, to_api_error
-from conveyor.serving.outputs import RequestOutput
-from conveyor.serving.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from conveyor.serving.responses import (ResponseMeta, delta_chunk, full_response,
+from conveyor.server.admission import message_chars
+from conveyor.server.api_docs import json_route
+from conveyor.server.app_state import AppState, app_state, read_json, request_identity
+from conveyor.engine.async_engine import RequestStream
+from conveyor.server.http_errors import ApiError, error_event, to_api_error
+from conveyor.engine.outputs import RequestOutput
+from conveyor.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from conveyor.server.responses import (ResponseMeta, delta_chunk, full_response,
                                         logprob_token_ids, role_chunk, sse, usage_chunk)
-from conveyor.serving.tool_calls import ChatTools, stream_chunks
+from conveyor.server.tool_calls import ChatTools, stream_chunks
 
 _CLIENT_CLOSED = 499     # nginx's convention; nobody reads it, the client is gone
 
@@ -85,13 +85,12 @@ async def _parse(request: Request, model: type) -> tuple[AppState, Any]:
 
 async def _generate(state: AppState, request: Request, req: Any, params: SamplingParams,
                     prompt_ids: list[int], chat: bool, tools: ChatTools | None = None) -> Response:
-    state.check_prompt_length(len(prompt_ids))
     if params.structured_outputs is not None:    # a bad or slow grammar is a 400, before any byte
         await state.require_engine().engine.structured.precompile(params)
     priority, tenant = request_identity(request, req.priority)
     prefix = "chatcmpl" if chat else "cmpl"
     meta = ResponseMeta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, chat)
-    max_new = params.max_tokens or state.max_model_len - len(prompt_ids)
+    max_new = params.max_tokens or max(0, state.max_model_len - len(prompt_ids))
     lease = state.tenant_limiter.acquire(tenant, len(prompt_ids) + max_new * params.n)
     try:
         stream = await state.require_engine().add_request(

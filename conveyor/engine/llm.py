@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
-from conveyor.serving.outputs import RequestOutput
+from conveyor.engine.llm_engine import LLMEngine
+from conveyor.engine.outputs import RequestOutput
 
 
 class LLM:
@@ -61,9 +61,9 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not show_progress)
         while self.engine.has_unfinished_requests():
-            steps = self.engine.core.num_steps
+            steps = self.engine.stats().num_steps
             outputs = self.engine.step()
-            if self.engine.core.num_steps == steps:
+            if self.engine.stats().num_steps == steps:
                 time.sleep(0.001)       # nothing ran: a static/dynamic batch waits to launch
             for out in outputs:
                 if out.finished:

@@ -1,6 +1,7 @@
 """``LLMEngine``: text in, text out, one step at a time, around an ``EngineCore``.
 
-Builds the model, KV cache and runner from an ``EngineConfig``; validates and tokenizes requests;
+Builds its ``EngineCore`` on what ``builder`` composes from an ``EngineConfig``; validates
+(once, here: see ``add_request``) and tokenizes requests;
 turns the core's token deltas into ``RequestOutput`` objects (incremental detokenization, stop
 strings, logprobs). A stop string finishes its request in the core within the same step, so its
 KV blocks return to the pool before the next schedule.
@@ -12,29 +13,21 @@ import itertools
 import logging
 import time
 
-import torch
-
-from conveyor import platform
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.core.engine_core import EngineCore
+from conveyor.core.outputs import StepStats
 from conveyor.core.request import FinishReason, Request
-from conveyor.core.swap import PreemptionCosts, SwapManager
+from conveyor.core.stats import EngineStats
+from conveyor.engine.builder import build_engine_parts
 from conveyor.errors import InvalidRequestError
-from conveyor.models.packed import num_parameters
-from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.output_processor import OutputProcessor
-from conveyor.serving.request_checks import (check_request_args, prompt_to_ids,
+from conveyor.engine.output_processor import OutputProcessor
+from conveyor.engine.request_checks import (check_request_args, prompt_to_ids,
                                              resolve_max_tokens)
 from conveyor.structured.manager import StructuredOutputManager
-from conveyor.serving.outputs import RequestOutput
-from conveyor.tokenizer import load_tokenizer
-from conveyor.weights.loader import build_model, resolve_model_path
+from conveyor.engine.outputs import RequestOutput
 
 logger = logging.getLogger("conveyor")
-
-_DEFAULT_KV_CAP_BYTES = 4 << 30
-
 
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments -> grouped frozen configs."""
@@ -57,86 +50,34 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, attention_backend: str = "auto",
                  record_steps: bool = False):
+        """Build the model, KV cache and runner (``builder``), then the core around them;
+        ``record_steps`` keeps a ``StepStats`` per step in ``step_log`` (benchmarks)."""
         self.config = config
-        mc = config.model
-        self.model_path = resolve_model_path(mc.model)
-        self.device = platform.resolve_device(mc.device)
-        self.dtype = platform.resolve_dtype(mc.dtype, self.device)
-        torch.manual_seed(mc.seed)
-        self.tokenizer = load_tokenizer(self.model_path)
-        if attention_backend == "auto":
-            from conveyor.attention.select import default_backend
-            attention_backend = default_backend(self.device)
-        self.attention_backend = attention_backend
-        self.model = build_model(self.model_path, self.dtype, self.device, attention_backend,
-                                 mc.quantization)
-        arch = self.model.config
-        self.eos_token_ids = self.tokenizer.eos_token_ids | arch.eos_token_ids
-        num_blocks = self._num_kv_blocks(arch)
-        bs = config.cache.block_size
-        self.max_model_len = min(mc.max_model_len or arch.max_position_embeddings,
-                                 arch.max_position_embeddings, num_blocks * bs)
-        kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
-        swap, host_kv = self._swap_manager(arch)
-        self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed,
-                                  host_kv)
-        self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
-                               kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
-                               enable_prefix_caching=config.cache.enable_prefix_caching
-                               and config.scheduler.batching == "continuous", swap=swap,
-                               isolate_tenants=config.cache.prefix_cache_scope == "tenant")
+        parts = build_engine_parts(config, attention_backend)
+        self.model_path, self.device, self.dtype = parts.model_path, parts.device, parts.dtype
+        self.attention_backend, self.tokenizer = parts.attention_backend, parts.tokenizer
+        self.model, self.runner = parts.model, parts.runner
+        self.eos_token_ids, self.max_model_len = parts.eos_token_ids, parts.max_model_len
+        self.num_kv_blocks = parts.num_blocks
+        cc, sc, bs = config.cache, config.scheduler, config.cache.block_size
+        self.core = EngineCore(self.runner, sc, parts.num_blocks, bs, self.max_model_len,
+                               kv_allocation=cc.kv_allocation, record_steps=record_steps,
+                               enable_prefix_caching=cc.enable_prefix_caching
+                               and sc.batching == "continuous", swap=parts.swap,
+                               isolate_tenants=cc.prefix_cache_scope == "tenant")
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
-        self.structured = StructuredOutputManager(self.tokenizer.hf, arch.vocab_size,
+        self.structured = StructuredOutputManager(self.tokenizer.hf, self.model.config.vocab_size,
                                                   self.eos_token_ids)
         self._ids = itertools.count()
-        logger.info("model %s (%s) on %s, dtype %s%s, attention %s; %s", self.model_path,
-                    arch.architecture, self.device, self.dtype,
-                    f", {mc.quantization} GEMMs" if mc.quantization else "", attention_backend,
-                    platform.describe(self.device))
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; "
-                    "max_num_seqs %d; max_num_batched_tokens %d", num_blocks, bs, num_blocks * bs,
-                    self.max_model_len, config.scheduler.max_num_seqs,
-                    config.scheduler.max_num_batched_tokens)
+                    "max_num_seqs %d; max_num_batched_tokens %d", parts.num_blocks, bs,
+                    parts.num_blocks * bs, self.max_model_len, sc.max_num_seqs,
+                    sc.max_num_batched_tokens)
 
     @classmethod
     def from_kwargs(cls, attention_backend: str = "auto", record_steps: bool = False,
                     **kwargs) -> "LLMEngine":
         return cls(engine_config_from_kwargs(**kwargs), attention_backend, record_steps)
-
-    def _num_kv_blocks(self, arch) -> int:
-        cc, bs = self.config.cache, self.config.cache.block_size
-        per_block = arch.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * bs
-        if cc.num_blocks is not None:
-            return cc.num_blocks
-        if cc.kv_cache_bytes is not None:
-            n = cc.kv_cache_bytes // per_block
-            if n < 1:
-                raise InvalidRequestError(
-                    f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)")
-            return n
-        want_len = self.config.model.max_model_len or arch.max_position_embeddings
-        want = self.config.scheduler.max_num_seqs * -(-want_len // bs)
-        return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
-
-    def _swap_manager(self, arch):
-        """Host pool and cost model for swap preemption (None when preempting by recompute)."""
-        cc = self.config.cache
-        if cc.preemption_mode == "recompute" or self.config.scheduler.batching != "continuous":
-            return None, None
-        elem = torch.finfo(self.dtype).bits // 8
-        block_bytes = arch.kv_bytes_per_token(elem) * cc.block_size
-        num_host = max(1, cc.swap_space_bytes // block_bytes)
-        params = num_parameters(self.model)
-        # Rough, deliberately simple: ~100 GFLOP/s of GEMM, ~5 GB/s of copy bandwidth each way.
-        costs = PreemptionCosts(recompute_s_per_token=2 * params / 100e9,
-                                swap_s_per_block=2 * block_bytes / 5e9)
-        host_kv = allocate_kv_caches(self.model, num_host - 1, cc.block_size, self.dtype,
-                                     torch.device("cpu"))
-        return SwapManager(num_host, cc.preemption_mode, costs), host_kv
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.core.kv_manager.pool.num_blocks
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -166,7 +107,8 @@ class LLMEngine:
                 f"{request_id}#{i}" if params.n > 1 else request_id, prompt_ids, child_params,
                 max_tokens, self.eos_token_ids, arrival, priority, tenant, cache_salt,
                 structured=self.structured.request_state(child_params, self.core.clock())))
-        self.output_processor.add(request_id, prompt_text, prompt_ids, params, children)
+        self.output_processor.add(request_id, prompt_text, prompt_ids, params,
+                                  [c.request_id for c in children], arrival)
         try:
             for child in children:
                 self.core.add_request(child)
@@ -178,8 +120,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Abort a request (all its children) in any state; KV blocks are freed now."""
         child_ids = self.output_processor.child_ids(request_id)
-        self.core.abort_requests(child_ids, FinishReason.ABORT)
-        return self.output_processor.finish_aborted(child_ids)
+        finished = self.core.finish_requests(child_ids, FinishReason.ABORT)
+        return self.output_processor.finish_aborted(child_ids, finished)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
@@ -188,6 +130,15 @@ class LLMEngine:
         """One engine iteration; returns outputs of requests that progressed or finished."""
         core_outputs = self.core.step()
         return self.output_processor.process(core_outputs)
+
+    def stats(self) -> EngineStats:
+        """Scheduler and KV-cache occupancy now, and the cumulative counters (typed, data)."""
+        return self.core.stats()
+
+    @property
+    def step_log(self) -> list[StepStats] | None:
+        """A ``StepStats`` per step that ran, oldest first (None unless ``record_steps``)."""
+        return self.core.step_log
 
     def check_invariants(self) -> None:
         self.core.check_invariants()

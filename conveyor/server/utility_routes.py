@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.admission import message_chars
-from conveyor.serving.api_docs import error_responses, json_route
-from conveyor.serving.app_state import app_state, read_json
-from conveyor.serving.protocol import DetokenizeRequest, TokenizeRequest, parse_body
+from conveyor.server.admission import message_chars
+from conveyor.server.api_docs import error_responses, json_route
+from conveyor.server.app_state import app_state, read_json
+from conveyor.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
 
 
 def add_utility_routes(app: FastAPI) -> None:

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from conveyor.bench.arrivals import ArrivalProcess, with_arrivals
-from conveyor.bench.findings import (fairness_findings, prefix_findings, preemption_findings,
+from conveyor.bench.scenarios.findings import (fairness_findings, prefix_findings, preemption_findings,
                                      priority_findings)
 from conveyor.bench.offline import RunResult, run_offline, warm_up
-from conveyor.bench.scenario_params import (FairnessParams, PreemptionParams, PrefixParams,
+from conveyor.bench.scenarios.params import (FairnessParams, PreemptionParams, PrefixParams,
                                             PriorityParams)
-from conveyor.bench.scenario_workloads import (TENANT_B, count_for, priority_workload,
+from conveyor.bench.scenarios.workloads import (TENANT_B, count_for, priority_workload,
                                                tenant_subset, two_tenant_workload)
 from conveyor.bench.suite import jsonable, kv_budget_blocks
 from conveyor.bench.workloads import (LengthDist, Workload, WorkloadError, shared_prefix_workload,

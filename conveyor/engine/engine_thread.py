@@ -26,11 +26,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
+from conveyor.core.stats import EngineStats
 from conveyor.errors import ConveyorError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+if TYPE_CHECKING:
+    from conveyor.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -45,22 +49,6 @@ class OutputObserver(Protocol):
     """Sees every batch of outputs on the engine thread (metrics); must be quick and not raise."""
 
     def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSnapshot:
-    """Scheduler and KV-cache occupancy after the engine thread's last iteration."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_free_blocks: int = 0
-    num_total_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions_total: int = 0
-    num_cached_free_blocks: int = 0      # free blocks still holding a cached prefix (evictable)
-    prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0           # of which found cached
-    preemptions_by_mode: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -165,13 +153,14 @@ class Inbox:
 class EngineThread:
     """Steps ``engine`` on a dedicated thread; outputs go to ``publish`` (called on this thread)."""
 
-    def __init__(self, engine: Any, inbox: Inbox, publish: Callable[[list[RequestOutput]], None],
+    def __init__(self, engine: "LLMEngine", inbox: Inbox,
+                 publish: Callable[[list[RequestOutput]], None],
                  observer: OutputObserver | None = None):
         self.engine = engine
         self.inbox = inbox
         self.publish = publish
         self.observer = observer
-        self.snapshot = _take_snapshot(engine)
+        self.snapshot: EngineStats = engine.stats()        # as of the last iteration
         self.error: str | None = None                      # set once, when the engine died
         self.last_beat = time.monotonic()                  # see the module docstring
         self._live: dict[str, int] = {}                    # request id -> n, added and unfinished
@@ -214,10 +203,12 @@ class EngineThread:
                 if batch.stop:
                     for request_id in list(self._live):
                         outputs += self.engine.abort_request(request_id)
-                elif self.engine.has_unfinished_requests():
+                stepped = not batch.stop and self.engine.has_unfinished_requests()
+                if stepped:
                     outputs += self.engine.step()
-                    stalled = self.engine.core.scheduler.last_stats.num_scheduled_tokens == 0
                 self._hand_back(outputs)
+                if stepped:
+                    stalled = self.snapshot.last_step_num_scheduled_tokens == 0
                 self.last_beat = time.monotonic()
                 if batch.stop:
                     for cmd in self.inbox.close("the engine has stopped"):
@@ -241,7 +232,7 @@ class EngineThread:
         for out in outputs:
             if out.finished:
                 self._live.pop(out.request_id, None)
-        self.snapshot = _take_snapshot(self.engine)
+        self.snapshot = self.engine.stats()
         self.inbox.set_engine_waiting(self.snapshot.num_waiting)
         if not outputs:
             return
@@ -278,11 +269,3 @@ class EngineThread:
         out.finished, out.error = True, message
         return out
 
-
-def _take_snapshot(engine: Any) -> EngineSnapshot:
-    scheduler, kv = engine.core.scheduler, engine.core.kv_manager
-    pool = kv.pool
-    return EngineSnapshot(len(scheduler.running), len(scheduler.waiting), pool.num_free_blocks,
-                          pool.num_blocks, pool.usage, scheduler.num_preemptions_total,
-                          pool.num_cached_free_blocks, kv.num_prefix_queries, kv.num_prefix_hits,
-                          tuple(sorted(scheduler.num_preemptions_by_mode.items())))

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from conveyor.serving.async_engine import EngineStoppedError, QueueFullError
+from conveyor.engine.async_engine import EngineStoppedError, QueueFullError
 
 # Rough tokenizer throughput; it only orders jobs (their deadlines), it bounds nothing.
 _CHARS_PER_S = 1_000_000

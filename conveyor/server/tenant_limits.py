@@ -11,7 +11,7 @@ request is refused with 429 and a ``Retry-After``; nothing reaches the engine. I
 - Per-tenant state is bounded by activity: a tenant with nothing in flight and no charge left in
   the window is forgotten (swept oldest-touched first, O(1) amortized per request), so state
   never grows with the number of tenants ever seen.
-- Limits are positive or None (no limit); the tenant names come from ``serving.auth``.
+- Limits are positive or None (no limit); the tenant names come from ``server.auth``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.http_errors import ApiError
+from conveyor.server.http_errors import ApiError
 
 _WINDOW_S = 60.0
 

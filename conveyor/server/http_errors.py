@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from conveyor.errors import CapacityError, InvalidRequestError
-from conveyor.serving.async_engine import EngineDeadError, EngineStoppedError, QueueFullError
+from conveyor.errors import CapacityError, ContextLengthError, InvalidRequestError
+from conveyor.engine.async_engine import EngineDeadError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -67,7 +67,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return ApiError(400, str(exc), param=exc.param)
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+        return ApiError(400, str(exc), param=exc.param, code=code)
     if isinstance(exc, CapacityError):
         return ApiError(400, str(exc), code="kv_cache_too_small")
     if isinstance(exc, QueueFullError):

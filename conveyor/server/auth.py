@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.errors import InvalidRequestError
-from conveyor.serving.http_errors import ApiError
+from conveyor.server.http_errors import ApiError
 
 logger = logging.getLogger("conveyor.serving")
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from conveyor.serving.outputs import CompletionOutput, Logprob, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 _MIN_LOGPROB = -9999.0   # JSON has no -Infinity; clients get a very unlikely value instead
 

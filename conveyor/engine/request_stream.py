@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from conveyor.serving.outputs import CompletionOutput, Logprob, RequestOutput
+from conveyor.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger("conveyor.serving")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from conveyor.errors import InvalidRequestError, check_text
+from conveyor.errors import ContextLengthError, InvalidRequestError, check_text
 from conveyor.sampling_params import SamplingParams
 
 # Within what every queue and metric handles as a plain integer.
@@ -49,7 +49,7 @@ def resolve_max_tokens(num_prompt: int, params: SamplingParams, max_model_len: i
     """The request's max_tokens with None resolved to what the context leaves; min_tokens must
     fit in it too."""
     if num_prompt >= max_model_len:
-        raise InvalidRequestError(
+        raise ContextLengthError(
             f"the prompt has {num_prompt} tokens but the context length is {max_model_len};"
             " shorten the prompt", "prompt")
     room = max_model_len - num_prompt

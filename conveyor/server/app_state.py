@@ -20,13 +20,13 @@ from typing import Any, Callable
 from fastapi import Request
 
 from conveyor.metrics.prometheus import ServingMetrics
-from conveyor.serving.admission import check_prompt_chars
-from conveyor.serving.async_engine import AsyncEngine
-from conveyor.serving.auth import ANONYMOUS, ApiKey, Identity, KeyRing, check_keys, resolve
-from conveyor.serving.tenant_limits import TenantLimiter
-from conveyor.serving.http_errors import ApiError
-from conveyor.serving.protocol import RequestLimits
-from conveyor.serving.tokenizer_pool import TokenizerPool
+from conveyor.server.admission import check_prompt_chars
+from conveyor.engine.async_engine import AsyncEngine
+from conveyor.server.auth import ANONYMOUS, ApiKey, Identity, KeyRing, check_keys, resolve
+from conveyor.server.tenant_limits import TenantLimiter
+from conveyor.server.http_errors import ApiError
+from conveyor.server.protocol import RequestLimits
+from conveyor.server.tokenizer_pool import TokenizerPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class ServerConfig:
 
     served_model_name: the name clients must use (None: the model path's basename).
     api_keys: accepted keys (``ApiKey``, or a plain string for a key with default rights);
-      empty means no authentication. See ``serving.auth`` for what a key's identity allows.
+      empty means no authentication. See ``server.auth`` for what a key's identity allows.
     request_timeout: seconds after which a request is aborted (None: never).
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM.
     stream_write_timeout: seconds a client may leave output unread before its request is aborted.
@@ -119,12 +119,6 @@ class AppState:
         """400 before tokenizing a prompt too long for the context under any tokenization."""
         check_prompt_chars(num_chars, self.max_prompt_chars, self.max_model_len)
 
-    def check_prompt_length(self, num_tokens: int) -> None:
-        if num_tokens >= self.max_model_len:
-            raise ApiError(400, f"the prompt has {num_tokens} tokens but the context length is "
-                                f"{self.max_model_len}; shorten the prompt", param="prompt",
-                           code="context_length_exceeded")
-
 
 def app_state(request: Request) -> AppState:
     return request.app.state.conveyor
@@ -156,6 +150,6 @@ def _too_large(max_bytes: int) -> ApiError:
 
 
 def request_identity(request: Request, body_priority: int | None) -> tuple[int, str]:
-    """(priority, tenant) of a request, as its API key's identity allows (``serving.auth``)."""
+    """(priority, tenant) of a request, as its API key's identity allows (``server.auth``)."""
     identity: Identity = request.scope.get("state", {}).get("identity", ANONYMOUS)
     return resolve(identity, request.headers, body_priority)

@@ -20,7 +20,7 @@ from typing import Callable
 from conveyor.bench.metrics import Distribution, ratio, summarize
 from conveyor.bench.offline import RunResult
 from conveyor.bench.records import RequestRecord
-from conveyor.bench.scenario_workloads import HIGH, LOW, TENANT_A, TENANT_B
+from conveyor.bench.scenarios.workloads import HIGH, LOW, TENANT_A, TENANT_B
 
 
 def ttft_of(run: RunResult, keep: Callable[[RequestRecord], bool]) -> Distribution:

@@ -32,14 +32,15 @@ from typing import Any
 
 from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine_thread import (AddCommand, EngineDeadError, EngineSnapshot,
-                                            EngineThread, Inbox, OutputObserver)
-from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.serving.request_stream import RequestStream
+from conveyor.core.stats import EngineStats
+from conveyor.engine.engine_thread import (AddCommand, EngineDeadError, EngineThread, Inbox,
+                                           OutputObserver)
+from conveyor.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from conveyor.engine.request_stream import RequestStream
 
 logger = logging.getLogger("conveyor.serving")
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "EngineStoppedError",
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats", "EngineStoppedError",
            "QueueFullError", "RequestStream"]
 
 
@@ -150,7 +151,8 @@ class AsyncEngine:
         return len(self._streams)
 
     @property
-    def snapshot(self) -> EngineSnapshot:
+    def snapshot(self) -> EngineStats:
+        """The engine's ``stats()`` as of the engine thread's last iteration."""
         return self._thread.snapshot
 
     def stall_seconds(self) -> float:

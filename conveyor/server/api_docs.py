@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 import conveyor
-from conveyor.serving.protocol import (ChatCompletionRequest, CompletionRequest,
+from conveyor.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                        DetokenizeRequest, TokenizeRequest)
 
 OPENAPI_URL = "/openapi.json"

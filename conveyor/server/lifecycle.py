@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 
 import uvicorn
 
-from conveyor.serving.connection_guard import (ConnectionGuard, ConnectionLimits,
+from conveyor.server.connection_guard import (ConnectionGuard, ConnectionLimits,
                                                raise_open_file_limit)
 
 logger = logging.getLogger("conveyor.serving")

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP server: app factory, access guard, model loading and lifecycle.
 
 ``build_app(config, load_engine)`` returns a FastAPI app that starts answering at once: the model
-loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args)`` serves it with
-uvicorn and implements graceful shutdown. Invariants:
+loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args, engine_kwargs)``
+serves it with uvicorn and implements graceful shutdown. Never imports ``conveyor.cli``: the CLI
+hands over its parsed flags. Invariants:
 
 - Every route except ``api_docs.PUBLIC_PATHS`` (``/health``, ``/openapi.json``, ``/docs``)
-  requires a configured API key (``serving.auth``: compared in constant time against every key);
+  requires a configured API key (``server.auth``: compared in constant time against every key);
   the key's identity (tenant, trusted, min_priority) travels in ``scope["state"]["identity"]``.
 - On the first SIGTERM/SIGINT new requests get 503 while in-flight ones may finish for
   ``shutdown_timeout`` seconds; the rest are aborted ("abort"), then the process exits 0 (1 when
@@ -31,18 +32,18 @@ from fastapi import FastAPI
 
 from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.metrics.prometheus import ServingMetrics
-from conveyor.serving.api_docs import OPENAPI_URL, PUBLIC_PATHS, add_api_docs
-from conveyor.serving.admission import max_token_chars
-from conveyor.serving.app_state import AppState, ServerConfig
-from conveyor.serving.async_engine import AsyncEngine
-from conveyor.serving.auth import (ANONYMOUS, ApiKey, check_keys, exposure_warning,
+from conveyor.server.api_docs import OPENAPI_URL, PUBLIC_PATHS, add_api_docs
+from conveyor.server.admission import max_token_chars
+from conveyor.server.app_state import AppState, ServerConfig
+from conveyor.engine.async_engine import AsyncEngine
+from conveyor.server.auth import (ANONYMOUS, ApiKey, check_keys, exposure_warning,
                                    load_api_key_file, parse_api_key)
-from conveyor.serving.connection_guard import ConnectionLimits
-from conveyor.serving.http_errors import error_response, install_error_handlers
-from conveyor.serving.lifecycle import build_server, exit_now
-from conveyor.serving.openai_routes import add_openai_routes
-from conveyor.serving.protocol import RequestLimits
-from conveyor.serving.utility_routes import add_utility_routes
+from conveyor.server.connection_guard import ConnectionLimits
+from conveyor.server.http_errors import error_response, install_error_handlers
+from conveyor.server.lifecycle import build_server, exit_now
+from conveyor.server.openai_routes import add_openai_routes
+from conveyor.server.protocol import RequestLimits
+from conveyor.server.utility_routes import add_utility_routes
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -207,15 +208,14 @@ def _bearer_token(scope) -> str | None:
     return None
 
 
-def run_server(args) -> int:
-    """``conveyor serve``: build the app from parsed flags and serve it until SIGTERM (see
-    ``lifecycle``)."""
-    from conveyor.cli.args import engine_kwargs
-    from conveyor.serving.engine import LLMEngine
+def run_server(args, engine_kwargs: dict) -> int:
+    """``conveyor serve``: build the app from parsed flags (``engine_kwargs``: the engine's
+    options, which the CLI gathers) and serve it until SIGTERM (see ``lifecycle``)."""
+    from conveyor.engine.llm_engine import LLMEngine
 
     config = server_config_from_args(args)
     limits = connection_limits_from_args(args)
-    kwargs = engine_kwargs(args)
+    kwargs = engine_kwargs
     failures: list[str] = []
 
     def on_load_error(message: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.serving.http_errors import ApiError
+from conveyor.server.http_errors import ApiError
 
 # A normalizer (NFC, NFKC...) may merge several input characters into one before the tokenizer
 # sees them; this much slack keeps the bound an upper bound for such tokenizers.

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.chat_fields import ChatClientFields, refused_field_message
-from conveyor.serving.structured_protocol import (ResponseFormat, StructuredOutputsBody,
+from conveyor.server.chat_fields import ChatClientFields, refused_field_message
+from conveyor.server.structured_protocol import (ResponseFormat, StructuredOutputsBody,
                                                   logit_bias_ids, removed_field_error,
                                                   structured_params)
 
@@ -69,9 +69,9 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     # vLLM's per-request prefix-cache salt: only requests of the same tenant with the same salt
-    # share cached blocks (serving.auth / core.kv_cache_manager).
+    # share cached blocks (server.auth / core.kv_cache_manager).
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
-    # Structured outputs (serving.structured_protocol): OpenAI's and vLLM's spelling.
+    # Structured outputs (server.structured_protocol): OpenAI's and vLLM's spelling.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
     logit_bias: dict[str, float] | None = None
