@@ -52,7 +52,7 @@ def run(args) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed,
         stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(attention_backend=args.attention_backend, **engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args))
     if args.chat:
         tok = llm.get_tokenizer()
         system = [{"role": "system", "content": args.system}] if args.system else []

@@ -15,11 +15,11 @@ import time
 import torch
 
 from conveyor import platform
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.config import EngineConfig, engine_config_from_kwargs
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.swap import PreemptionCosts, SwapManager
-from conveyor.errors import InvalidRequestError
+from conveyor.errors import ConfigError
 from conveyor.models.packed import num_parameters
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.sampling_params import SamplingParams
@@ -36,27 +36,10 @@ logger = logging.getLogger("conveyor")
 _DEFAULT_KV_CAP_BYTES = 4 << 30
 
 
-def engine_config_from_kwargs(**kw) -> EngineConfig:
-    """Flat vLLM-style keyword arguments -> grouped frozen configs."""
-    model_keys = {"model", "dtype", "device", "max_model_len", "seed", "quantization"}
-    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
-                  "enable_prefix_caching", "prefix_cache_scope", "preemption_mode",
-                  "swap_space_bytes"}
-    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
-                  "batch_timeout_s", "fair_scheduling", "tenant_weights"}
-    unknown = set(kw) - model_keys - cache_keys - sched_keys
-    if unknown:
-        raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")
-    pick = lambda keys: {k: v for k, v in kw.items() if k in keys and v is not None}  # noqa: E731
-    return EngineConfig(ModelConfig(**pick(model_keys)), CacheConfig(**pick(cache_keys)),
-                        SchedulerConfig(**pick(sched_keys)))
-
-
 class LLMEngine:
     """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "auto",
-                 record_steps: bool = False):
+    def __init__(self, config: EngineConfig):
         self.config = config
         mc = config.model
         self.model_path = resolve_model_path(mc.model)
@@ -64,6 +47,7 @@ class LLMEngine:
         self.dtype = platform.resolve_dtype(mc.dtype, self.device)
         torch.manual_seed(mc.seed)
         self.tokenizer = load_tokenizer(self.model_path)
+        attention_backend = mc.attention_backend
         if attention_backend == "auto":
             from conveyor.attention.select import default_backend
             attention_backend = default_backend(self.device)
@@ -81,7 +65,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed,
                                   host_kv)
         self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
-                               kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
+                               kv_allocation=config.cache.kv_allocation,
+                               record_steps=config.scheduler.record_steps,
                                enable_prefix_caching=config.cache.enable_prefix_caching
                                and config.scheduler.batching == "continuous", swap=swap,
                                isolate_tenants=config.cache.prefix_cache_scope == "tenant")
@@ -99,21 +84,22 @@ class LLMEngine:
                     config.scheduler.max_num_batched_tokens)
 
     @classmethod
-    def from_kwargs(cls, attention_backend: str = "auto", record_steps: bool = False,
-                    **kwargs) -> "LLMEngine":
-        return cls(engine_config_from_kwargs(**kwargs), attention_backend, record_steps)
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        """``LLMEngine(engine_config_from_kwargs(**kwargs))``: flat config field names."""
+        return cls(engine_config_from_kwargs(**kwargs))
 
     def _num_kv_blocks(self, arch) -> int:
         cc, bs = self.config.cache, self.config.cache.block_size
         per_block = arch.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * bs
         if cc.num_blocks is not None:
-            return cc.num_blocks
+            return _check_fits(cc.num_blocks, per_block, self.device, "--num-blocks")
         if cc.kv_cache_bytes is not None:
             n = cc.kv_cache_bytes // per_block
             if n < 1:
-                raise InvalidRequestError(
-                    f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)")
-            return n
+                raise ConfigError(
+                    f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)",
+                    "kv_cache_bytes")
+            return _check_fits(n, per_block, self.device, "--kv-cache-bytes")
         want_len = self.config.model.max_model_len or arch.max_position_embeddings
         want = self.config.scheduler.max_num_seqs * -(-want_len // bs)
         return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
@@ -125,7 +111,8 @@ class LLMEngine:
             return None, None
         elem = torch.finfo(self.dtype).bits // 8
         block_bytes = arch.kv_bytes_per_token(elem) * cc.block_size
-        num_host = max(1, cc.swap_space_bytes // block_bytes)
+        num_host = _check_fits(max(1, cc.swap_space_bytes // block_bytes), block_bytes,
+                               torch.device("cpu"), "--swap-space-bytes")
         params = num_parameters(self.model)
         # Rough, deliberately simple: ~100 GFLOP/s of GEMM, ~5 GB/s of copy bandwidth each way.
         costs = PreemptionCosts(recompute_s_per_token=2 * params / 100e9,
@@ -191,6 +178,15 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.core.check_invariants()
+
+
+def _check_fits(num_blocks: int, block_bytes: int, device: torch.device, flag: str) -> int:
+    """``num_blocks``, or ``ConfigError`` when they need more memory than ``device`` has."""
+    have = platform.memory_bytes(device)
+    if have is not None and num_blocks * block_bytes > have:
+        raise ConfigError(f"{flag}: {num_blocks} KV blocks need {num_blocks * block_bytes} bytes "
+                          f"but {device} has {have}; ask for less")
+    return num_blocks
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -19,12 +19,13 @@ from conveyor.serving.outputs import RequestOutput
 class LLM:
     """An engine plus a run-to-completion loop.
 
-    Keyword arguments are vLLM's engine arguments: dtype, device, max_model_len, block_size,
-    num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed.
+    Keyword arguments are the engine's config fields (``conveyor.config``: dtype, device,
+    attention_backend, max_model_len, block_size, num_blocks, kv_cache_bytes,
+    max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed, ...), vLLM's names.
     """
 
-    def __init__(self, model: str | None = None, *, attention_backend: str = "auto", **kwargs):
-        self.engine = LLMEngine.from_kwargs(attention_backend=attention_backend, model=model, **kwargs)
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = LLMEngine.from_kwargs(model=model, **kwargs)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
