@@ -56,8 +56,7 @@ def run(args) -> int:
     if args.chat:
         tok = llm.get_tokenizer()
         system = [{"role": "system", "content": args.system}] if args.system else []
-        texts = [tok.apply_chat_template(system + [{"role": "user", "content": p}]) for p in prompts]
-        inputs = [tok.encode(t, add_special_tokens=False) for t in texts]
+        inputs = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     else:
         inputs = prompts
     outputs = llm.generate(inputs, params, use_tqdm=len(prompts) > 1)

@@ -54,8 +54,7 @@ class LLM:
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
-        ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [self.engine.tokenizer.encode_chat(c) for c in convs]
         return self.generate(ids, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
