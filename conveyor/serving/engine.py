@@ -51,9 +51,9 @@ class LLMEngine:
         if attention_backend == "auto":
             from conveyor.attention.select import default_backend
             attention_backend = default_backend(self.device)
-        self.attention_backend = attention_backend
         self.model = build_model(self.model_path, self.dtype, self.device, attention_backend,
                                  mc.quantization)
+        self.attention_backend = attention_backend = self.model.dispatch.attention_backend
         arch = self.model.config
         self.eos_token_ids = self.tokenizer.eos_token_ids | arch.eos_token_ids
         num_blocks = self._num_kv_blocks(arch)
