@@ -68,6 +68,19 @@ def test_help_lists_every_flag_and_alias(capsys):
         assert legacy in text
 
 
+def test_generate_flags_are_its_options_fields():
+    from conveyor.cli import generate
+    parser = argparse.ArgumentParser(prog="conveyor")
+    generate.add_parser(parser.add_subparsers())
+    assert config_from_args(generate.GenerateOptions,
+                            parser.parse_args(["generate"])) == generate.GenerateOptions()
+    args = parser.parse_args(["generate", "--stop", "a", "--stop", "b", "--chat", "--top-k", "5"])
+    opts = config_from_args(generate.GenerateOptions, args)
+    assert (opts.stop, opts.chat, opts.top_k) == (("a", "b"), True, 5)
+    assert [s.name for s in flag_specs(generate.GenerateOptions)] == [
+        "--" + f.name.replace("_", "-") for f in dataclasses.fields(generate.GenerateOptions)]
+
+
 def test_legacy_spellings_set_the_fields():
     args = _serve_parser().parse_args([
         "serve", "--num-kv-blocks", "7", "--kv-cache-memory", "2MiB", "--no-chunked-prefill",
