@@ -1,114 +1,125 @@
-"""Frozen, validated configuration, one dataclass per concern.
+"""Frozen, validated configuration, one dataclass per concern; every field is also a flag.
 
 Nothing writes back into a config after construction: values derived at start-up (the number of
 KV blocks once the model's size is known, the resolved dtype) live in the objects that derive them.
-Invalid values raise ``InvalidRequestError`` naming the field.
+Each field's ``metadata`` (its help, bounds, older flag spellings) is what ``conveyor.config_flags``
+turns into the ``conveyor`` flags; choices are the field's ``Literal`` type. Invalid values raise
+``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 from dataclasses import dataclass
+from typing import Literal
 
-from conveyor.errors import InvalidRequestError
+from conveyor.config_flags import check_fields, field_values, opt, parse_bytes
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = (None, "int8")
-BATCHING_POLICIES = ("continuous", "static", "dynamic")
-KV_ALLOCATIONS = ("paged", "reservation")
-PREFIX_CACHE_SCOPES = ("tenant", "global")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Batching = Literal["continuous", "static", "dynamic"]
+KvAllocation = Literal["paged", "reservation"]
+PrefixCacheScope = Literal["tenant", "global"]
+PreemptionMode = Literal["recompute", "swap", "auto"]
+AttentionBackend = Literal["auto", "cpu", "sdpa", "reference"]
+DTYPES, BATCHING_POLICIES = field_values(Dtype), field_values(Batching)
+PREEMPTION_MODES = field_values(PreemptionMode)
 # How long a partial batch waits before launching: static batching waits for a full batch,
 # dynamic batching launches after a short window.
 DEFAULT_BATCH_TIMEOUT_S = {"static": 30.0, "dynamic": 0.05, "continuous": 0.0}
 
 
-def _require(cond: bool, message: str, field: str) -> None:
-    if not cond:
-        raise InvalidRequestError(message, field)
+def parse_tenant_weight(text: str) -> tuple[str, float]:
+    """``TENANT=WEIGHT`` -> (tenant, weight)."""
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        sep = ""
+    if not sep or not name or not 0 < weight < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected TENANT=WEIGHT with WEIGHT > 0, got {text!r}")
+    return name, weight
+
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Which checkpoint to run and how.
+    """Which checkpoint to run and how (dtype "auto" resolves per device in ``conveyor.platform``;
+    int8 needs VNNI, which ``models/int8.check_supported`` checks at start)."""
 
-    model: an HF model directory, a .gguf file, or None for the default SmolLM2 GGUF.
-    dtype: "auto" resolves per device in ``conveyor.platform`` (bf16 where the CPU has native bf16).
-    max_model_len: context limit in tokens; None takes the checkpoint's (capped by KV capacity).
-    quantization: None, or "int8" (CPU: int8 layer GEMMs with per-token activation scales; in
-        float32 or bfloat16; the CPU must have VNNI, which ``models/int8.check_supported`` checks
-        at start since it depends on the machine).
-    """
-
-    model: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
-    quantization: str | None = None
+    model: str | None = opt(None, "HF model directory or .gguf file (default: SmolLM2-135M-"
+                                  "Instruct GGUF)")
+    dtype: Dtype = opt("auto", "compute dtype; auto: bfloat16 where the CPU has native bf16")
+    device: str = opt("auto", "auto, cpu or cuda[:N]")
+    max_model_len: int | None = opt(None, "context limit in tokens (default: the checkpoint's, "
+                                          "capped by the KV cache)", min=1, max=1 << 24)
+    seed: int = opt(0, "seed of the model's sampling generator", min=0, max=(1 << 63) - 1)
+    quantization: Literal["int8"] | None = opt(
+        None, "int8: int8 weights and per-token int8 activations in the layer GEMMs (CPU, VNNI "
+              "where present); accuracy and speed in BENCHMARKS.md", aliases=("-q",))
+    attention_backend: AttentionBackend = opt(
+        "auto", "auto: the C++ paged kernel on CPU where it builds, else sdpa")
 
     def __post_init__(self) -> None:
-        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}", "dtype")
-        _require(self.quantization in QUANTIZATIONS,
-                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
-                 "quantization")
-        _require(self.quantization != "int8" or self.dtype != "float16",
-                 "--quantization int8 computes in float32 or bfloat16, not float16; use --dtype "
-                 "auto, float32 or bfloat16", "quantization")
-        _require(self.max_model_len is None or self.max_model_len > 0,
-                 "max_model_len must be a positive integer", "max_model_len")
+        check_fields(self)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            _fail(f"device must be auto, cpu or cuda[:N]; got {self.device!r} (--device)", "device")
+        if self.quantization == "int8" and self.dtype == "float16":
+            _fail("--quantization int8 computes in float32 or bfloat16, not float16; use --dtype "
+                  "auto, float32 or bfloat16", "quantization")
 
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """Paged KV cache sizing: give ``num_blocks`` or ``kv_cache_bytes`` (the first wins).
+    """Paged KV cache sizing: ``num_blocks`` or ``kv_cache_bytes`` (the first wins); with neither,
+    the pool holds ``max_num_seqs`` full-length sequences, capped at 4 GiB."""
 
-    With neither, the pool is sized to ``max_num_seqs`` full-length sequences, capped at 4 GiB.
-    prefix_cache_scope: "tenant" (a request only hits blocks its own tenant cached) or "global"
-    (tenants share cached prefixes, so a hit reveals that another tenant sent the same prefix).
-    """
-
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_bytes: int | None = None
-    kv_allocation: str = "paged"
-    enable_prefix_caching: bool = True
-    prefix_cache_scope: str = "tenant"
-    preemption_mode: str = "recompute"
-    swap_space_bytes: int = 1 << 30
+    block_size: int = opt(16, "tokens per KV block (a power of two)", min=1, max=4096)
+    num_blocks: int | None = opt(None, "KV cache size in blocks", aliases=("--num-kv-blocks",),
+                                 min=1, max=1 << 30)
+    kv_cache_bytes: int | None = opt(
+        None, "KV cache size in bytes (e.g. 2GiB); default: enough for max-num-seqs full "
+              "contexts, at most 4GiB", aliases=("--kv-cache-memory",), parse=parse_bytes, min=1)
+    kv_allocation: KvAllocation = opt(
+        "paged", "reservation: reserve prompt + max_tokens at admission (Orca-era baseline)")
+    enable_prefix_caching: bool = opt(True, "automatic prefix caching",
+                                      aliases=("--no-prefix-caching",))
+    prefix_cache_scope: PrefixCacheScope = opt(
+        "tenant", "tenant: each tenant only hits its own cached prefixes; global: share them "
+                  "across tenants (reveals shared prompts' cache hits)")
+    preemption_mode: PreemptionMode = opt(
+        "recompute", "swap: copy preempted KV to host memory; auto: per request, by estimated cost")
+    swap_space_bytes: int = opt(1 << 30, "host swap pool size", aliases=("--swap-space",),
+                                parse=parse_bytes, show_default="1GiB", min=1)
 
     def __post_init__(self) -> None:
-        _require(self.preemption_mode in ("recompute", "swap", "auto"),
-                 "preemption_mode must be recompute, swap or auto", "preemption_mode")
-        _require(self.prefix_cache_scope in PREFIX_CACHE_SCOPES,
-                 f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPES}", "prefix_cache_scope")
-        _require(self.swap_space_bytes > 0, "swap_space_bytes must be positive", "swap_space_bytes")
-        _require(self.kv_allocation in KV_ALLOCATIONS,
-                 f"kv_allocation must be one of {KV_ALLOCATIONS}", "kv_allocation")
-        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
-                 "block_size must be a positive power of two", "block_size")
-        _require(self.num_blocks is None or self.num_blocks > 0,
-                 "num_blocks must be positive", "num_blocks")
-        _require(self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
-                 "kv_cache_bytes must be positive", "kv_cache_bytes")
+        check_fields(self)
+        if self.block_size & (self.block_size - 1):
+            _fail(f"block_size must be a power of two; got {self.block_size}", "block_size")
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """Token-budget scheduling limits.
+    """Token-budget scheduling limits; ``record_steps`` keeps a ``StepStats`` per executed step
+    in the core's ``step_log`` (benchmarks; no flag, since a server's log would grow forever)."""
 
-    max_num_batched_tokens: tokens (prefill chunks + decodes) computed in one step.
-    max_num_seqs: requests running at once (batch slots).
-    enable_chunked_prefill: False makes a prompt wait until it fits the budget whole.
-    batching: "continuous" (iteration-level), or the "static" / "dynamic" baselines.
-    batch_timeout_s: how long a partial static/dynamic batch waits before launching.
-    """
-
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    enable_chunked_prefill: bool = True
-    batching: str = "continuous"
-    batch_timeout_s: float | None = None
-    fair_scheduling: bool = False
-    tenant_weights: tuple[tuple[str, float], ...] = ()
+    max_num_batched_tokens: int = opt(2048, "tokens (prefill chunks + decodes) computed in one "
+                                            "step", min=1, max=1 << 20)
+    max_num_seqs: int = opt(64, "requests running at once (batch slots)", min=1, max=1 << 16)
+    enable_chunked_prefill: bool = opt(True, "split long prompts over steps; off: a prompt waits "
+                                             "until it fits the budget whole",
+                                       aliases=("--no-chunked-prefill",))
+    batching: Batching = opt("continuous", "scheduling policy; static/dynamic are the measured "
+                                           "baselines")
+    batch_timeout_s: float | None = opt(
+        None, "static/dynamic: launch a partial batch after this many seconds (default: 30 / "
+              "0.05)", aliases=("--batch-timeout",), min=0, max=86400)
+    fair_scheduling: bool = opt(False, "weighted fair queueing of the token budget across tenants")
+    tenant_weights: tuple[tuple[str, float], ...] = opt(
+        (), "weight of a tenant under --fair-scheduling (repeatable; default 1)",
+        aliases=("--tenant-weight",), parse=parse_tenant_weight, repeat=True,
+        metavar="TENANT=WEIGHT")
+    record_steps: bool = opt(False, "keep a StepStats per executed step", flag=False)
 
     @property
     def tenant_weights_dict(self) -> dict[str, float]:
@@ -121,17 +132,12 @@ class SchedulerConfig:
         return DEFAULT_BATCH_TIMEOUT_S[self.batching]
 
     def __post_init__(self) -> None:
-        _require(self.batching in BATCHING_POLICIES,
-                 f"batching must be one of {BATCHING_POLICIES}, got {self.batching!r}", "batching")
-        _require(self.batch_timeout_s is None or self.batch_timeout_s >= 0,
-                 "batch_timeout_s must be >= 0", "batch_timeout_s")
-        if isinstance(self.tenant_weights, dict):
-            object.__setattr__(self, "tenant_weights", tuple(sorted(self.tenant_weights.items())))
-        _require(all(w > 0 for _, w in self.tenant_weights), "tenant weights must be > 0",
-                 "tenant_weights")
-        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive",
-                 "max_num_batched_tokens")
-        _require(self.max_num_seqs > 0, "max_num_seqs must be positive", "max_num_seqs")
+        weights = self.tenant_weights
+        pairs = weights.items() if isinstance(weights, dict) else weights
+        object.__setattr__(self, "tenant_weights", tuple(sorted(dict(pairs).items())))
+        check_fields(self)
+        if not all(name and 0 < w < float("inf") for name, w in self.tenant_weights):
+            _fail("tenant weights need a tenant name and a finite weight > 0", "tenant_weights")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +147,24 @@ class EngineConfig:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+
+
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig)
+
+
+def _fail(message: str, field: str) -> None:
+    from conveyor.errors import ConfigError
+    raise ConfigError(message, field)
+
+
+def engine_config_from_kwargs(**kw) -> EngineConfig:
+    """Flat vLLM-style keyword arguments (each group's field names; None: the default) ->
+    grouped frozen configs. Raises ``ConfigError`` for a name no group has."""
+    from dataclasses import fields
+    names = [{f.name for f in fields(group)} for group in ENGINE_GROUPS]
+    unknown = set(kw).difference(*names)
+    if unknown:
+        _fail(f"unknown engine option(s): {sorted(unknown)}", sorted(unknown)[0])
+    parts = [group(**{k: v for k, v in kw.items() if k in keys and v is not None})
+             for group, keys in zip(ENGINE_GROUPS, names)]
+    return EngineConfig(*parts)

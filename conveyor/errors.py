@@ -2,7 +2,8 @@
 
 Every error a caller can trigger by what they send is one of these; the HTTP layer maps them to
 OpenAI-shaped JSON errors (``InvalidRequestError`` -> 400, ``ModelNotFoundError`` -> 404 / CLI exit 2)
-and the CLI prints their one-line message. The message always says what to change.
+and the CLI prints their one-line message (``ConfigError``: a start-up option's). The message
+always says what to change.
 """
 
 
@@ -22,9 +23,15 @@ class ContextLengthError(InvalidRequestError):
     """The prompt alone fills the model's context (HTTP 400, code ``context_length_exceeded``)."""
 
 
-class ConfigError(InvalidRequestError):
-    """A start-up option cannot work on this machine or with the other options (e.g. a CPU feature
-    it needs is missing); the message names the option, what is missing and what to change."""
+class ConfigError(ConveyorError, ValueError):
+    """A start-up option is invalid, or cannot work on this machine or with the other options
+    (e.g. a CPU feature it needs is missing): the operator's mistake, never a client's (so not an
+    ``InvalidRequestError``). The message names the option and what to change; ``param`` is the
+    config field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def check_text(text: str, param: str, what: str | None = None) -> None:

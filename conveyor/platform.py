@@ -232,7 +232,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     """"auto" is CUDA when a GPU is visible, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda[:N]", "device") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda[:N]", "device")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: no CUDA device is visible; use --device cpu",
+                          "device")
+    return resolved
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """Physical memory of ``device`` in bytes (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve_dtype(dtype: str, device: torch.device, cpu: CpuInfo | None = None) -> torch.dtype:

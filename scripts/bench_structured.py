@@ -87,9 +87,8 @@ def main() -> None:
     engine = LLMEngine.from_kwargs(dtype=args.dtype, max_num_seqs=args.requests,
                                    max_num_batched_tokens=2048)
     tok = engine.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content":
-               f"List the orders of customer {i} as JSON."}]), add_special_tokens=False)
-               for i in range(args.requests)]
+    prompts = [tok.encode_chat([{"role": "user", "content":
+               f"List the orders of customer {i} as JSON."}]) for i in range(args.requests)]
     spec = StructuredOutputsParams(json=SCHEMA)
     start = time.perf_counter()
     engine.structured.service.submit(spec).result()

@@ -52,8 +52,8 @@ def perplexity(engine: LLMEngine, ids: list[int]) -> float:
 def greedy(engine: LLMEngine, max_tokens: int) -> list[list[int]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     tok = engine.tokenizer
-    ids = [engine.add_request(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]),
-                                         add_special_tokens=False), params) for p in PROMPTS]
+    ids = [engine.add_request(tok.encode_chat([{"role": "user", "content": p}]), params)
+           for p in PROMPTS]
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -18,7 +18,7 @@ import time
 import torch
 
 from conveyor import platform
-from conveyor.attention.cpu_kernel import is_available
+from conveyor.kernels import is_available
 from conveyor.models.int8 import Int8Linear, quantize_weight
 from conveyor.models.packed import PackedLinear
 

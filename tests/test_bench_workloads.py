@@ -32,6 +32,9 @@ class WordTokenizer:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), False)
+
 
 def _rng(seed=0):
     return np.random.default_rng(seed)

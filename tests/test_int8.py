@@ -13,7 +13,7 @@ from torch import nn
 
 from conveyor import platform
 from conveyor.attention import cpu_kernel
-from conveyor.errors import ConfigError, InvalidRequestError
+from conveyor.errors import ConfigError
 from conveyor.models.int8 import (
     Int8Linear,
     check_supported,
@@ -180,7 +180,7 @@ def test_int8_engine_runs_close_to_fp32_and_frees_every_block():
 
 def test_unknown_quantization_is_a_clear_error():
     from conveyor.engine.llm_engine import engine_config_from_kwargs
-    with pytest.raises(InvalidRequestError, match="quantization must be one of"):
+    with pytest.raises(ConfigError, match="quantization must be one of"):
         engine_config_from_kwargs(quantization="fp4")
 
 
@@ -212,5 +212,5 @@ def test_int8_is_refused_off_the_cpu_and_in_float16():
     from conveyor.engine.llm_engine import engine_config_from_kwargs
     with pytest.raises(ConfigError, match="CPU only"):
         check_supported(torch.device("meta"))
-    with pytest.raises(InvalidRequestError, match="float32 or bfloat16, not float16"):
+    with pytest.raises(ConfigError, match="float32 or bfloat16, not float16"):
         engine_config_from_kwargs(quantization="int8", dtype="float16")

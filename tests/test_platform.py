@@ -131,32 +131,34 @@ def test_kernel_arch_follows_platform_and_refuses_what_the_cpu_cannot_run():
 
 
 def test_kernel_build_flags_follow_platform(monkeypatch):
-    from conveyor.attention import cpu_kernel
-    if not cpu_kernel.shutil.which(os.environ.get("CXX", "c++")):
+    import shutil
+
+    from conveyor import kernels
+    if not shutil.which(os.environ.get("CXX", "c++")):
         pytest.skip("no C++ compiler")
     monkeypatch.delenv(platform.KERNEL_ARCH_ENV, raising=False)
     monkeypatch.setattr(platform, "cpu_info", lambda: CpuInfo.of(CPUS["sapphire_rapids"], "AVX2"))
-    flags = cpu_kernel.arch_flags()
+    flags = kernels.arch_flags()
     assert "-mavx2" in flags and not any("avx512" in f or "march" in f for f in flags)
     monkeypatch.setenv(platform.KERNEL_ARCH_ENV, "avx512")                  # above the cap
-    with pytest.raises(cpu_kernel.KernelUnavailable, match="hidden by ONEDNN_MAX_CPU_ISA=AVX2"):
-        cpu_kernel.arch_flags()
+    with pytest.raises(kernels.KernelUnavailable, match="hidden by ONEDNN_MAX_CPU_ISA=AVX2"):
+        kernels.arch_flags()
     monkeypatch.setenv(platform.KERNEL_ARCH_ENV, "-mavx2 -mfma")            # raw flags, as given
-    assert cpu_kernel.arch_flags() == ["-mavx2", "-mfma"]
+    assert kernels.arch_flags() == ["-mavx2", "-mfma"]
     monkeypatch.setenv(platform.KERNEL_ARCH_ENV, "generic")
-    generic = cpu_kernel.arch_flags()
+    generic = kernels.arch_flags()
     assert not any(f.startswith("-mavx") for f in generic)
-    assert cpu_kernel.build_dir(generic) != cpu_kernel.build_dir(flags)     # in the cache key
+    assert kernels.build_dir(generic) != kernels.build_dir(flags)     # in the cache key
 
 
 @pytest.mark.skipif(not os.environ.get(platform.KERNEL_ARCH_ENV, "").strip().isidentifier(),
                     reason="CONVEYOR_CPU_KERNEL_ARCH does not name an arch in this run")
 def test_the_named_kernel_arch_is_the_one_built_and_loaded():
     """A run under CONVEYOR_CPU_KERNEL_ARCH=<arch> really tests that arch: no silent fallback."""
-    from conveyor.attention import cpu_kernel
+    from conveyor import kernels
     arch = platform.resolve_kernel_arch(os.environ[platform.KERNEL_ARCH_ENV])
-    assert cpu_kernel.arch_flags()[:len(cpu_kernel.ARCH_FLAGS[arch])] == cpu_kernel.ARCH_FLAGS[arch]
-    assert cpu_kernel.is_available()
+    assert kernels.arch_flags()[:len(kernels.ARCH_FLAGS[arch])] == kernels.ARCH_FLAGS[arch]
+    assert kernels.is_available()
 
 
 def test_describe_states_the_decisions_and_the_cap(monkeypatch):
@@ -181,10 +183,9 @@ def test_bf16_prepack_decision_agrees_with_onednn():
 
 
 _PROBE = """
-import json, torch
+import json, shutil, torch
 from torch import nn
-from conveyor import platform
-from conveyor.attention import cpu_kernel
+from conveyor import kernels, platform
 from conveyor.errors import ConfigError
 from conveyor.models.int8 import Int8Linear, check_supported, quantize_rows_reference, quantize_weight
 from conveyor.models.packed import pack_linears
@@ -210,7 +211,7 @@ try:
     out["int8_err"] = (Int8Linear(lin.weight, None, False)(x) - exact).abs().max().item()
 except ConfigError as exc:
     out["int8_refused"] = str(exc)
-out["kernel_flags"] = cpu_kernel.arch_flags() if cpu_kernel.shutil.which("c++") else None
+out["kernel_flags"] = kernels.arch_flags() if shutil.which("c++") else None
 print(json.dumps(out))
 """
 

@@ -153,6 +153,34 @@ def test_chat_template_matches_transformers(tok, hf_ref, messages, add_generatio
     assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_encode_chat_matches_transformers_and_the_old_two_steps(tok, hf_ref, messages,
+                                                               add_generation_prompt):
+    """``encode_chat`` is what callers did before (render, then encode without special tokens)
+    and what transformers tokenizes for the template the tokenizer ships."""
+    ids = tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert ids == tok.encode(rendered, add_special_tokens=False)
+    expected = hf_ref.apply_chat_template(messages, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt)
+    assert ids == list(getattr(expected, "input_ids", expected))
+
+
+def test_encode_chat_hands_tools_to_the_template(tok):
+    template = ("{% if tools is defined %}T{{ tools | length }}:{{ tools[0].function.name }}|"
+                "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    tooled = tok.with_chat_template(template)
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    assert tooled.encode_chat(msgs) == tok.encode("hi", add_special_tokens=False)
+    assert tooled.encode_chat(msgs, tools=tools) == tok.encode("T1:get_weather|hi",
+                                                                add_special_tokens=False)
+    assert tooled.encode_chat(msgs, add_special_tokens=True) == tok.encode("hi")
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        tok.with_chat_template(None).encode_chat(msgs)
+
+
 def test_text_parts_are_joined(tok):
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert tok.apply_chat_template(parts) == tok.apply_chat_template([{"role": "user", "content": "a\nb"}])

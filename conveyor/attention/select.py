@@ -14,5 +14,5 @@ def default_backend(device: torch.device | str) -> str:
     cached), for the target ``platform`` picks (``platform.resolve_kernel_arch``)."""
     if torch.device(device).type != "cpu":
         return "sdpa"
-    from conveyor.attention import cpu_kernel   # lazy: keeps importing this module cheap
-    return "cpu" if cpu_kernel.is_available() else "sdpa"
+    from conveyor import kernels   # lazy: keeps importing this module cheap
+    return "cpu" if kernels.is_available() else "sdpa"

@@ -92,8 +92,9 @@ def _row_prompt(row: dict, where: str, tokenizer) -> tuple[str | list[int], list
     if ("prompt" in row) == ("messages" in row):
         raise WorkloadError(f"{where}: give exactly one of 'prompt' or 'messages'")
     if "messages" in row:
-        text = _render_messages(row["messages"], where, tokenizer)
-        return text, tokenizer.encode(text, add_special_tokens=False)
+        _check_messages(row["messages"], where, tokenizer)
+        text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True)
+        return text, tokenizer.encode_chat(row["messages"])
     prompt = row["prompt"]
     if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
         return prompt, list(prompt)
@@ -102,7 +103,7 @@ def _row_prompt(row: dict, where: str, tokenizer) -> tuple[str | list[int], list
     return prompt, tokenizer.encode(prompt) if tokenizer is not None else None
 
 
-def _render_messages(messages, where: str, tokenizer) -> str:
+def _check_messages(messages, where: str, tokenizer) -> None:
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages)
@@ -112,7 +113,6 @@ def _render_messages(messages, where: str, tokenizer) -> str:
     if tokenizer is None:
         raise WorkloadError(f"{where}: 'messages' need a tokenizer to apply the chat template; "
                             "pass --tokenizer (a model directory or .gguf file)")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def _declared_len(row: dict, prompt: str) -> int:

@@ -12,9 +12,16 @@ import sys
 from conveyor.errors import ConveyorError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``error: ...``, exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from conveyor.cli import generate, serve
-    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="conveyor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     serve.add_parser(sub)

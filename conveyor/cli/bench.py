@@ -204,7 +204,7 @@ def _bench_engine_kwargs(args) -> dict:
 
 def _engine_factory(args):
     from conveyor.engine.llm_engine import LLMEngine
-    return lambda kwargs: LLMEngine.from_kwargs(attention_backend=args.attention_backend, **kwargs)
+    return lambda kwargs: LLMEngine.from_kwargs(**kwargs)
 
 
 def run_offline_cmd(args) -> int:
@@ -227,10 +227,10 @@ def run_compare_cmd(args) -> int:
     kwargs = _bench_engine_kwargs(args)
     bs = args.block_size
     budget = kv_budget_blocks(workload, args.kv_budget_requests, bs)
-    user_sized = args.num_kv_blocks is not None or args.kv_cache_memory is not None
+    user_sized = args.num_blocks is not None or args.kv_cache_bytes is not None
     roomy = None if user_sized else args.max_num_seqs * -(-workload.max_request_tokens // bs)
     only = [p.strip() for p in args.policies.split(",")] if args.policies else None
-    variants = compare_variants(args.max_num_seqs, budget, roomy, args.batch_timeout, only)
+    variants = compare_variants(args.max_num_seqs, budget, roomy, args.batch_timeout_s, only)
     runs = run_variants(_engine_factory(args), kwargs, variants, workload, rates,
                         args.burstiness, args.workload_seed, not args.no_progress)
     meta = report_meta("compare", workload.spec, engine=dict(kwargs),

@@ -4,36 +4,48 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 from conveyor.cli.args import add_engine_args, engine_kwargs
+from conveyor.config_flags import add_config_flags, config_from_args, opt
 from conveyor.errors import InvalidRequestError
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    """``conveyor generate``'s own flags (the engine's come from ``conveyor.config``); the
+    sampling values are checked where they land, by ``SamplingParams``."""
+
+    prompts_file: str | None = opt(None, "a text file with one prompt per line, or JSONL with a "
+                                         "'prompt' field")
+    chat: bool = opt(False, "apply the model's chat template (each prompt is a user message)")
+    system: str | None = opt(None, "system message for --chat")
+    max_tokens: int = opt(256, "tokens to generate at most per prompt")
+    temperature: float = opt(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    top_k: int = opt(0, "sample among the k likeliest tokens; 0: all")
+    min_p: float = opt(0.0, "drop tokens below this fraction of the likeliest's probability")
+    repetition_penalty: float = opt(1.0, "penalty on tokens already in the prompt or output")
+    sampling_seed: int | None = opt(None, "per-request seed")
+    stop: tuple[str, ...] = opt((), "stop string (repeatable)", parse=str, repeat=True,
+                                show_default="none")
+    ignore_eos: bool = opt(False, "keep generating past EOS")
+    json: bool = opt(False, "print one JSON object per prompt")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate completions for prompts (offline, batched)")
     p.add_argument("prompts", nargs="*", help="prompts; with --prompts-file, read from there too")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line, or JSONL with a 'prompt' field")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template (each prompt is a user message)")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_config_flags(p, GenerateOptions)
     add_engine_args(p)
     p.set_defaults(func=run)
 
 
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompts)
-    if args.prompts_file:
+def _read_prompts(given: list[str], path: str | None) -> list[str]:
+    prompts = list(given)
+    if path:
         try:
-            with open(args.prompts_file) as f:
+            with open(path) as f:
                 for line in f:
                     line = line.rstrip("\n")
                     if line.strip():
@@ -47,23 +59,23 @@ def _read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     from conveyor import LLM, SamplingParams
-    prompts = _read_prompts(args)
+    opts = config_from_args(GenerateOptions, args)
+    prompts = _read_prompts(args.prompts, opts.prompts_file)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed,
-        stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(attention_backend=args.attention_backend, **engine_kwargs(args))
-    if args.chat:
+        max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p,
+        top_k=opts.top_k, min_p=opts.min_p, repetition_penalty=opts.repetition_penalty,
+        seed=opts.sampling_seed, stop=opts.stop or None, ignore_eos=opts.ignore_eos)
+    llm = LLM(**engine_kwargs(args))
+    if opts.chat:
         tok = llm.get_tokenizer()
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        texts = [tok.apply_chat_template(system + [{"role": "user", "content": p}]) for p in prompts]
-        inputs = [tok.encode(t, add_special_tokens=False) for t in texts]
+        system = [{"role": "system", "content": opts.system}] if opts.system else []
+        inputs = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     else:
         inputs = prompts
     outputs = llm.generate(inputs, params, use_tqdm=len(prompts) > 1)
     for prompt, out in zip(prompts, outputs):
         comp = out.outputs[0]
-        if args.json:
+        if opts.json:
             print(json.dumps({"prompt": prompt, "text": comp.text, "finish_reason": comp.finish_reason,
                               "num_tokens": len(comp.token_ids), "ttft_s": out.metrics.ttft,
                               "e2e_s": out.metrics.e2e_latency}))

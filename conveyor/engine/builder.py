@@ -17,7 +17,7 @@ import torch
 from conveyor import platform
 from conveyor.config import EngineConfig
 from conveyor.core.swap import PreemptionCosts, SwapManager
-from conveyor.errors import InvalidRequestError
+from conveyor.errors import ConfigError
 from conveyor.models.packed import num_parameters
 from conveyor.runner.model_runner import ModelRunner, allocate_kv_caches
 from conveyor.tokenizer import load_tokenizer
@@ -45,9 +45,10 @@ class EngineParts:
     swap: SwapManager | None
 
 
-def build_engine_parts(config: EngineConfig, attention_backend: str = "auto") -> EngineParts:
+def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Load the model and tokenizer, size and allocate the KV cache, build the runner."""
     mc, bs = config.model, config.cache.block_size
+    attention_backend = mc.attention_backend
     model_path = resolve_model_path(mc.model)
     device = platform.resolve_device(mc.device)
     dtype = platform.resolve_dtype(mc.dtype, device)
@@ -56,9 +57,10 @@ def build_engine_parts(config: EngineConfig, attention_backend: str = "auto") ->
         from conveyor.attention.select import default_backend
         attention_backend = default_backend(device)
     model = build_model(model_path, dtype, device, attention_backend, mc.quantization)
+    attention_backend = model.dispatch.attention_backend
     arch = model.config
     eos_token_ids = tokenizer.eos_token_ids | arch.eos_token_ids
-    num_blocks = num_kv_blocks(config, arch, dtype)
+    num_blocks = num_kv_blocks(config, arch, dtype, device)
     max_model_len = min(mc.max_model_len or arch.max_position_embeddings,
                         arch.max_position_embeddings, num_blocks * bs)
     kv = allocate_kv_caches(model, num_blocks, bs, dtype, device)
@@ -72,19 +74,20 @@ def build_engine_parts(config: EngineConfig, attention_backend: str = "auto") ->
                        eos_token_ids, num_blocks, max_model_len, runner, swap)
 
 
-def num_kv_blocks(config: EngineConfig, arch, dtype: torch.dtype) -> int:
+def num_kv_blocks(config: EngineConfig, arch, dtype: torch.dtype, device: torch.device) -> int:
     """KV blocks to allocate: ``num_blocks``, else ``kv_cache_bytes`` worth, else enough for
     ``max_num_seqs`` full-length sequences capped at 4 GiB."""
     cc, bs = config.cache, config.cache.block_size
     per_block = arch.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * bs
     if cc.num_blocks is not None:
-        return cc.num_blocks
+        return _check_fits(cc.num_blocks, per_block, device, "--num-blocks")
     if cc.kv_cache_bytes is not None:
         n = cc.kv_cache_bytes // per_block
         if n < 1:
-            raise InvalidRequestError(
-                f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)")
-        return n
+            raise ConfigError(
+                f"kv_cache_bytes={cc.kv_cache_bytes} holds no block ({per_block} bytes each)",
+                "kv_cache_bytes")
+        return _check_fits(n, per_block, device, "--kv-cache-bytes")
     want_len = config.model.max_model_len or arch.max_position_embeddings
     want = config.scheduler.max_num_seqs * -(-want_len // bs)
     return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
@@ -96,10 +99,20 @@ def _swap_manager(config: EngineConfig, model, dtype: torch.dtype):
     if cc.preemption_mode == "recompute" or config.scheduler.batching != "continuous":
         return None, None
     block_bytes = model.config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * cc.block_size
-    num_host = max(1, cc.swap_space_bytes // block_bytes)
+    num_host = _check_fits(max(1, cc.swap_space_bytes // block_bytes), block_bytes,
+                           torch.device("cpu"), "--swap-space-bytes")
     params = num_parameters(model)
     # Rough, deliberately simple: ~100 GFLOP/s of GEMM, ~5 GB/s of copy bandwidth each way.
     costs = PreemptionCosts(recompute_s_per_token=2 * params / 100e9,
                             swap_s_per_block=2 * block_bytes / 5e9)
     host_kv = allocate_kv_caches(model, num_host - 1, cc.block_size, dtype, torch.device("cpu"))
     return SwapManager(num_host, cc.preemption_mode, costs), host_kv
+
+
+def _check_fits(num_blocks: int, block_bytes: int, device: torch.device, flag: str) -> int:
+    """``num_blocks``, or ``ConfigError`` when they need more memory than ``device`` has."""
+    have = platform.memory_bytes(device)
+    if have is not None and num_blocks * block_bytes > have:
+        raise ConfigError(f"{flag}: {num_blocks} KV blocks need {num_blocks * block_bytes} bytes "
+                          f"but {device} has {have}; ask for less")
+    return num_blocks

@@ -19,12 +19,13 @@ from conveyor.engine.outputs import RequestOutput
 class LLM:
     """An engine plus a run-to-completion loop.
 
-    Keyword arguments are vLLM's engine arguments: dtype, device, max_model_len, block_size,
-    num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed.
+    Keyword arguments are the engine's config fields (``conveyor.config``: dtype, device,
+    attention_backend, max_model_len, block_size, num_blocks, kv_cache_bytes,
+    max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed, ...), vLLM's names.
     """
 
-    def __init__(self, model: str | None = None, *, attention_backend: str = "auto", **kwargs):
-        self.engine = LLMEngine.from_kwargs(attention_backend=attention_backend, model=model, **kwargs)
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = LLMEngine.from_kwargs(model=model, **kwargs)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -53,8 +54,7 @@ class LLM:
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
-        ids = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [self.engine.tokenizer.encode_chat(c) for c in convs]
         return self.generate(ids, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:

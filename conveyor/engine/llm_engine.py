@@ -13,13 +13,12 @@ import itertools
 import logging
 import time
 
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.config import EngineConfig, engine_config_from_kwargs
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.outputs import StepStats
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.stats import EngineStats
 from conveyor.engine.builder import build_engine_parts
-from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
 from conveyor.engine.output_processor import OutputProcessor
 from conveyor.engine.request_checks import (check_request_args, prompt_to_ids,
@@ -29,31 +28,16 @@ from conveyor.engine.outputs import RequestOutput
 
 logger = logging.getLogger("conveyor")
 
-def engine_config_from_kwargs(**kw) -> EngineConfig:
-    """Flat vLLM-style keyword arguments -> grouped frozen configs."""
-    model_keys = {"model", "dtype", "device", "max_model_len", "seed", "quantization"}
-    cache_keys = {"block_size", "num_blocks", "kv_cache_bytes", "kv_allocation",
-                  "enable_prefix_caching", "prefix_cache_scope", "preemption_mode",
-                  "swap_space_bytes"}
-    sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
-                  "batch_timeout_s", "fair_scheduling", "tenant_weights"}
-    unknown = set(kw) - model_keys - cache_keys - sched_keys
-    if unknown:
-        raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")
-    pick = lambda keys: {k: v for k, v in kw.items() if k in keys and v is not None}  # noqa: E731
-    return EngineConfig(ModelConfig(**pick(model_keys)), CacheConfig(**pick(cache_keys)),
-                        SchedulerConfig(**pick(sched_keys)))
 
 
 class LLMEngine:
     """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished_requests`` is False."""
 
-    def __init__(self, config: EngineConfig, attention_backend: str = "auto",
-                 record_steps: bool = False):
+    def __init__(self, config: EngineConfig):
         """Build the model, KV cache and runner (``builder``), then the core around them;
-        ``record_steps`` keeps a ``StepStats`` per step in ``step_log`` (benchmarks)."""
+        ``config.scheduler.record_steps`` keeps a ``StepStats`` per step in ``step_log``."""
         self.config = config
-        parts = build_engine_parts(config, attention_backend)
+        parts = build_engine_parts(config)
         self.model_path, self.device, self.dtype = parts.model_path, parts.device, parts.dtype
         self.attention_backend, self.tokenizer = parts.attention_backend, parts.tokenizer
         self.model, self.runner = parts.model, parts.runner
@@ -61,7 +45,7 @@ class LLMEngine:
         self.num_kv_blocks = parts.num_blocks
         cc, sc, bs = config.cache, config.scheduler, config.cache.block_size
         self.core = EngineCore(self.runner, sc, parts.num_blocks, bs, self.max_model_len,
-                               kv_allocation=cc.kv_allocation, record_steps=record_steps,
+                               kv_allocation=cc.kv_allocation, record_steps=sc.record_steps,
                                enable_prefix_caching=cc.enable_prefix_caching
                                and sc.batching == "continuous", swap=parts.swap,
                                isolate_tenants=cc.prefix_cache_scope == "tenant")
@@ -75,9 +59,9 @@ class LLMEngine:
                     sc.max_num_batched_tokens)
 
     @classmethod
-    def from_kwargs(cls, attention_backend: str = "auto", record_steps: bool = False,
-                    **kwargs) -> "LLMEngine":
-        return cls(engine_config_from_kwargs(**kwargs), attention_backend, record_steps)
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        """``LLMEngine(engine_config_from_kwargs(**kwargs))``: flat config field names."""
+        return cls(engine_config_from_kwargs(**kwargs))
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,

@@ -136,7 +136,7 @@ def quantize_linears(model: nn.Module, fused: bool | None = None) -> int:
     (``check_supported``)."""
     check_supported(next(model.parameters()).device)
     if fused is None:
-        from conveyor.attention.cpu_kernel import is_available   # lazy: may build the extension
+        from conveyor.kernels import is_available   # lazy: may build the extension
         fused = is_available()
     targets = [(parent, name, linear) for parent, name, linear in linear_children(model)
                if linear is not getattr(model, "lm_head", None)]

@@ -8,7 +8,7 @@ stacks q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``FUSED_PARAMS
 The residual stream is carried beside the hidden states (vLLM's layout): each norm takes
 ``(x, residual)``, adds, and normalises, so with the C++ extension (``fused=True``, CPU with the
 "cpu" attention backend) one op does residual add + RMSNorm, one op RoPE on the fused qkv rows and
-one op the KV write. The plain-PyTorch path computes the same values op by op and is the
+one op the KV write. Which path runs is decided once, at construction (``conveyor.kernels``). The plain-PyTorch path computes the same values op by op and is the
 reference the fused path is tested against.
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conveyor import kernels
 from conveyor.attention.backend import AttentionMetadata, make_attention
 from conveyor.models.config import ArchConfig
 from conveyor.models.rope import RotaryEmbedding
@@ -43,9 +44,6 @@ def fuse_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)   # what the C++ element-wise ops take
-
-
 def _fused_ops():
     return torch.ops.conveyor_cpu
 
@@ -61,7 +59,7 @@ class RMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused and x.dtype in _FUSED_DTYPES:
+        if self.fused:
             if residual is None:
                 out = torch.empty_like(x)
                 _fused_ops().rms_norm(out, x, self.weight, self.eps)
@@ -97,7 +95,7 @@ class Attention(nn.Module):
     def forward(self, positions, x, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)                                           # [T, (Hq + 2 Hkv) D]
-        if self.fused and self.attn.takes(qkv, kv_cache):
+        if self.fused:
             _fused_ops().rotary_embedding(qkv, positions, self.rope.cos, self.rope.sin,
                                           self.num_heads, self.num_kv_heads)
             out = self.attn.forward_qkv(qkv, kv_cache, md)               # [T, Hq, D]
@@ -123,7 +121,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                          # [T, 2I]
-        if self.fused and gate_up.dtype in _FUSED_DTYPES:
+        if self.fused:
             act = torch.empty((x.shape[0], self.intermediate_size), dtype=gate_up.dtype)
             _fused_ops().silu_and_mul(act, gate_up)
             return self.down_proj(act)
@@ -166,22 +164,19 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)[0]
 
 
-def _extension_loaded() -> bool:
-    from conveyor.attention.cpu_kernel import is_available   # lazy: may build the extension
-    return is_available()
-
-
 class LlamaForCausalLM(nn.Module):
     """``forward`` gives hidden states of every token; ``compute_logits`` only where sampled."""
 
     def __init__(self, cfg: ArchConfig, attention_backend: str = "sdpa",
-                 fused_ops: bool | None = None):
-        """fused_ops: use the C++ element-wise ops; None = wherever the "cpu" backend is in use."""
+                 fused_ops: bool | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        """The kernel paths are decided here, once, for ``dtype`` / ``device`` (what the model
+        will run in; ``kernels.decide``): fused_ops None = the C++ element-wise ops wherever
+        the "cpu" backend runs; True / False force them."""
         super().__init__()
         self.config = cfg
-        if fused_ops is None:
-            fused_ops = attention_backend == "cpu" and _extension_loaded()
-        self.model = LlamaModel(cfg, attention_backend, fused_ops)
+        self.dispatch = kernels.decide(attention_backend, dtype, device, cfg.head_dim, fused_ops)
+        self.model = LlamaModel(cfg, self.dispatch.attention_backend, self.dispatch.fused_ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

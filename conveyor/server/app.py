@@ -30,14 +30,14 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from conveyor.errors import ConveyorError, InvalidRequestError
+from conveyor.config_flags import config_from_args
+from conveyor.errors import ConveyorError
 from conveyor.metrics.prometheus import ServingMetrics
 from conveyor.server.api_docs import OPENAPI_URL, PUBLIC_PATHS, add_api_docs
 from conveyor.server.admission import max_token_chars
 from conveyor.server.app_state import AppState, ServerConfig
 from conveyor.engine.async_engine import AsyncEngine
-from conveyor.server.auth import (ANONYMOUS, ApiKey, check_keys, exposure_warning,
-                                   load_api_key_file, parse_api_key)
+from conveyor.server.auth import ANONYMOUS, exposure_warning
 from conveyor.server.connection_guard import ConnectionLimits
 from conveyor.server.http_errors import error_response, install_error_handlers
 from conveyor.server.lifecycle import build_server, exit_now
@@ -222,8 +222,7 @@ def run_server(args, engine_kwargs: dict) -> int:
         failures.append(message)
         server.should_exit = True
 
-    app = build_app(config, lambda: LLMEngine.from_kwargs(
-        attention_backend=args.attention_backend, **kwargs), on_load_error)
+    app = build_app(config, lambda: LLMEngine.from_kwargs(**kwargs), on_load_error)
     server = build_server(app, lambda: drain_app(app), limits, host=args.host, port=args.port,
                           log_level=args.log_level)
     server.run()
@@ -241,34 +240,10 @@ def connection_limits_from_args(args) -> ConnectionLimits:
 
 
 def server_config_from_args(args) -> ServerConfig:
-    for name in ("max_body_bytes", "max_waiting_requests", "max_n", "max_tokenizer_queue_chars"):
-        if getattr(args, name) <= 0:
-            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive")
-    if args.watchdog_timeout < 0:
-        raise InvalidRequestError("--watchdog-timeout must not be negative (0 turns it off)")
-    if args.request_timeout is not None and args.request_timeout <= 0:
-        raise InvalidRequestError("--request-timeout must be positive")
-    if args.shutdown_timeout < 0:
-        raise InvalidRequestError("--shutdown-timeout must not be negative")
-    for name in ("tenant_max_concurrency", "tenant_max_tokens_per_minute"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive "
-                                      "(leave it out for no limit)")
-    keys = api_keys_from_args(args)
-    warning = exposure_warning(args.host, bool(keys))
+    """The ``conveyor serve`` flags as a (self-validating) ``ServerConfig``; warns when the
+    address is reachable from other machines and no key is required."""
+    config = config_from_args(ServerConfig, args)
+    warning = exposure_warning(config.host, bool(config.api_keys))
     if warning:
         logger.warning(warning)
-    return ServerConfig(args.served_model_name, keys, args.max_body_bytes,
-                        args.max_waiting_requests, args.max_n, args.request_timeout,
-                        args.shutdown_timeout, args.tenant_max_concurrency,
-                        args.tenant_max_tokens_per_minute, args.stream_write_timeout,
-                        args.watchdog_timeout or None, args.max_tokenizer_queue_chars,
-                        getattr(args, "tool_call_parser", None))
-
-
-def api_keys_from_args(args) -> tuple[ApiKey, ...]:
-    """``--api-key`` specs, then ``--api-key-file`` entries; each checked, none twice."""
-    keys = [parse_api_key(spec, f"--api-key #{i + 1}") for i, spec in enumerate(args.api_key or ())]
-    if args.api_key_file:
-        keys += load_api_key_file(args.api_key_file)
-    return check_keys(tuple(keys))
+    return config

@@ -22,47 +22,12 @@ from fastapi import Request
 from conveyor.metrics.prometheus import ServingMetrics
 from conveyor.server.admission import check_prompt_chars
 from conveyor.engine.async_engine import AsyncEngine
-from conveyor.server.auth import ANONYMOUS, ApiKey, Identity, KeyRing, check_keys, resolve
+from conveyor.server.auth import ANONYMOUS, Identity, KeyRing, resolve
 from conveyor.server.tenant_limits import TenantLimiter
 from conveyor.server.http_errors import ApiError
 from conveyor.server.protocol import RequestLimits
+from conveyor.server.server_config import ServerConfig
 from conveyor.server.tokenizer_pool import TokenizerPool
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """HTTP-side limits and identity; engine sizing lives in the engine's own config.
-
-    served_model_name: the name clients must use (None: the model path's basename).
-    api_keys: accepted keys (``ApiKey``, or a plain string for a key with default rights);
-      empty means no authentication. See ``server.auth`` for what a key's identity allows.
-    request_timeout: seconds after which a request is aborted (None: never).
-    shutdown_timeout: seconds in-flight requests get to finish after SIGTERM.
-    stream_write_timeout: seconds a client may leave output unread before its request is aborted.
-    watchdog_timeout: seconds the engine may have work and finish no step before ``/health``
-      says 503 "stalled" (None: no watchdog).
-    max_tokenizer_queue_chars: characters of prompts queued for tokenization beyond which new
-      requests get 429 at once.
-    tool_call_parser: ``--tool-call-parser`` (``conveyor.tools.formats``); None: from the model.
-    """
-
-    served_model_name: str | None = None
-    api_keys: tuple[ApiKey | str, ...] = ()
-    max_body_bytes: int = 1 << 20
-    max_waiting_requests: int = 1024
-    max_n: int = 8
-    request_timeout: float | None = None
-    shutdown_timeout: float = 30.0
-    tenant_max_concurrency: int | None = None
-    tenant_max_tokens_per_minute: int | None = None
-    stream_write_timeout: float | None = 30.0
-    watchdog_timeout: float | None = 60.0
-    max_tokenizer_queue_chars: int = 4 << 20
-    tool_call_parser: str | None = None
-
-    def __post_init__(self) -> None:
-        keys = tuple(k if isinstance(k, ApiKey) else ApiKey(k) for k in self.api_keys)
-        object.__setattr__(self, "api_keys", check_keys(keys))
 
 
 @dataclass(slots=True)

@@ -49,13 +49,10 @@ class ChatTools:
     def render_prompt(self, tokenizer: Any, messages: list[dict]) -> list[int]:
         """Prompt token ids (run on the tokenizer thread: it uses ``tokenizer``)."""
         if self.request is None and not has_tool_messages(messages):
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            knows_tools = "tools" in tokenizer.chat_template_variables()
-            msgs, extra = template_inputs(messages, self.request, self.format, knows_tools)
-            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra)
-        # The template already emits BOS and friends, so the text is encoded without them.
-        return tokenizer.encode(text, add_special_tokens=False)
+            return tokenizer.encode_chat(messages)
+        knows_tools = "tools" in tokenizer.chat_template_variables()
+        msgs, extra = template_inputs(messages, self.request, self.format, knows_tools)
+        return tokenizer.encode_chat(msgs, tools=extra.get("tools"))
 
     def sampling_params(self, params: SamplingParams) -> SamplingParams:
         """``params`` plus the constraint this tool choice needs (if any)."""

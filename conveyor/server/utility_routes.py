@@ -64,8 +64,8 @@ async def tokenize(request: Request) -> JSONResponse:
 
     def run() -> tuple[list[int], list[str] | None]:
         if req.messages is not None:
-            text = tok.apply_chat_template(req.messages, req.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+            ids = tok.encode_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
+                                  add_special_tokens=bool(req.add_special_tokens))
         else:
             add = True if req.add_special_tokens is None else req.add_special_tokens
             ids = tok.encode(req.prompt, add_special_tokens=add)

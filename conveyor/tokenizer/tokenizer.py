@@ -121,7 +121,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``; ``add_special_tokens`` adds BOS etc. only where the model's config asks.
 
-        Encode a rendered chat prompt with ``add_special_tokens=False``: templates already emit BOS.
+        A conversation goes through ``encode_chat`` (templates already emit BOS).
         """
         if not isinstance(text, str):
             raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}", "prompt")
@@ -148,6 +148,20 @@ class Tokenizer:
         return self._renderer.render(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.hf.bos_token or "", eos_token=self.hf.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
+        """Prompt token ids for a conversation: ``messages`` rendered with the chat template, then
+        encoded. The one place a chat becomes tokens.
+
+        tools: OpenAI function definitions handed to the template as ``tools`` (None: the
+          variable is left undefined, as templates expect when no tools are offered).
+        add_special_tokens: False (the default) because templates already emit BOS and friends.
+        Raises InvalidRequestError as ``apply_chat_template`` does.
+        """
+        extra = {} if tools is None else {"tools": tools}
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def chat_template_variables(self) -> frozenset[str]:
         """Names the chat template reads (``tools`` if it renders tool definitions); empty

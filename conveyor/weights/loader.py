@@ -74,7 +74,7 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, attention_backend)
+        model = LlamaForCausalLM(cfg, attention_backend, dtype=dtype, device=device)
     state = fuse_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
     expected = {k for k, _ in model.named_parameters()}
     missing, unexpected = expected - state.keys(), state.keys() - expected
