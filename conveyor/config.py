@@ -100,6 +100,15 @@ class SchedulerConfig:
     enable_chunked_prefill: False makes a prompt wait until it fits the budget whole.
     batching: "continuous" (iteration-level), or the "static" / "dynamic" baselines.
     batch_timeout_s: how long a partial static/dynamic batch waits before launching.
+    fair_scheduling / tenant_weights: weighted fair queueing of computed tokens across tenants.
+    target_itl_ms: the inter-token latency target (an SLO, milliseconds; None = off, the
+        default): each step's prefill tokens are chosen so the step's predicted time, from a cost
+        model measured on this machine (``core.step_cost``), stays under it; decodes always run
+        and a prompt always advances. Needs chunked prefill and continuous batching.
+    max_num_partial_prefills: chunks per step that leave their prompt unfinished (vLLM's name).
+    max_long_partial_prefills: of those, how many may be for long prompts.
+    long_prefill_token_threshold: a prompt with more tokens left than this is long: while other
+        prefills wait its chunk is at most this many tokens (0 = no prompt is long).
     """
 
     max_num_batched_tokens: int = 2048
@@ -109,6 +118,10 @@ class SchedulerConfig:
     batch_timeout_s: float | None = None
     fair_scheduling: bool = False
     tenant_weights: tuple[tuple[str, float], ...] = ()
+    target_itl_ms: float | None = None
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
+    long_prefill_token_threshold: int = 0
 
     @property
     def tenant_weights_dict(self) -> dict[str, float]:
@@ -132,6 +145,23 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive",
                  "max_num_batched_tokens")
         _require(self.max_num_seqs > 0, "max_num_seqs must be positive", "max_num_seqs")
+        self._check_prefill_budget()
+
+    def _check_prefill_budget(self) -> None:
+        ms = self.target_itl_ms
+        _require(ms is None or (ms > 0 and ms == ms and ms != float("inf")),
+                 "target_itl_ms must be a positive number of milliseconds", "target_itl_ms")
+        _require(ms is None or (self.enable_chunked_prefill and self.batching == "continuous"),
+                 "target_itl_ms needs chunked prefill and continuous batching (it sizes prefill "
+                 "chunks); drop --no-chunked-prefill / --batching or --target-itl-ms",
+                 "target_itl_ms")
+        _require(self.max_num_partial_prefills >= 1, "max_num_partial_prefills must be >= 1",
+                 "max_num_partial_prefills")
+        _require(1 <= self.max_long_partial_prefills <= self.max_num_partial_prefills,
+                 "max_long_partial_prefills must be between 1 and max_num_partial_prefills",
+                 "max_long_partial_prefills")
+        _require(self.long_prefill_token_threshold >= 0,
+                 "long_prefill_token_threshold must be >= 0", "long_prefill_token_threshold")
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,7 @@ class EngineCore:
         runner_out = self.executor.execute(sched_out)
         failed = failed + self._fail_requests(runner_out.failed)
         outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
+        self.scheduler.observe_step_time(self.clock() - start)
         if self.step_log is not None and not sched_out.is_empty:
             stats = self.scheduler.last_stats
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
