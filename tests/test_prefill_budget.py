@@ -270,3 +270,47 @@ def test_property_every_mix_finishes_with_caps_held_and_nobody_starved(
     fits = [r for r in reqs if core.kv_manager.num_blocks_for(r.num_prompt_tokens + r.max_tokens)
             <= num_blocks]
     run_clean(core, fits)
+
+
+# ---------------------------------------------------------------------------- observable
+def test_metrics_show_the_fit_the_prediction_and_the_budget():
+    import re
+
+    from conveyor.metrics.prometheus import ServingMetrics
+    from conveyor.serving.engine_thread import EngineSnapshot
+    core, runner, _ = make_core(target_ms=40.0)
+    run_clean(core, burst(num_long=2, num_short=2))
+    snap = EngineSnapshot(step_cost=core.scheduler.prefill.snapshot())
+    text = ServingMetrics(lambda: snap).render().decode()
+
+    def gauge(name, labels=""):
+        m = re.search(rf"^conveyor:{re.escape(name + labels)} (\S+)$", text, re.M)
+        assert m, name
+        return float(m.group(1))
+    assert gauge("step_time_target_seconds") == 0.04
+    assert gauge("step_time_measured_seconds") == pytest.approx(runner.step_seconds[-1])
+    assert gauge("step_time_predicted_seconds") == pytest.approx(runner.step_seconds[-1], rel=0.02)
+    assert gauge("step_cost_coefficient_seconds", '{term="per_token"}') == pytest.approx(
+        COST.per_token, rel=0.02)
+    assert gauge("step_cost_fitted_steps") == len(runner.step_seconds)
+    assert gauge("step_cost_model_ready") == 1
+    assert gauge("prefill_budget_tokens") == core.step_log[-1].prefill_budget_tokens > 0
+    assert all(s.predicted_step_s > 0 for s in core.step_log[1:])
+
+
+def test_the_flags_reach_the_scheduler_config():
+    import argparse
+
+    from conveyor.cli.args import add_engine_args, engine_kwargs
+    from conveyor.serving.engine import engine_config_from_kwargs
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--target-itl-ms", "80", "--max-num-partial-prefills", "4",
+                         "--max-long-partial-prefills", "2", "--long-prefill-token-threshold",
+                         "256"])
+    cfg = engine_config_from_kwargs(**engine_kwargs(args)).scheduler
+    assert (cfg.target_itl_ms, cfg.max_num_partial_prefills, cfg.max_long_partial_prefills,
+            cfg.long_prefill_token_threshold) == (80.0, 4, 2, 256)
+    bad = p.parse_args(["--target-itl-ms", "80", "--no-chunked-prefill"])
+    with pytest.raises(InvalidRequestError, match="chunked prefill"):
+        engine_config_from_kwargs(**engine_kwargs(bad))

@@ -35,6 +35,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--target-itl-ms", type=float, default=None, metavar="MS",
+                   help="inter-token latency target: each step's prefill tokens are sized so its "
+                        "predicted time (a cost model measured on this machine) stays under MS; "
+                        "decodes always run (default: off, the fixed token budget)")
+    g.add_argument("--max-num-partial-prefills", type=int, default=1,
+                   help="prefill chunks per step that leave their prompt unfinished (default 1)")
+    g.add_argument("--max-long-partial-prefills", type=int, default=1,
+                   help="of those, how many may be for long prompts (default 1)")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="a prompt with more tokens left is long: while other prefills wait its "
+                        "chunk is at most this many tokens (default 0: none is long)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     g.add_argument("--prefix-cache-scope", default="tenant", choices=["tenant", "global"],
                    help="tenant: each tenant only hits its own cached prefixes (default); "
@@ -72,7 +83,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefix_cache_scope=args.prefix_cache_scope, batching=args.batching,
                 batch_timeout_s=args.batch_timeout, kv_allocation=args.kv_allocation,
                 fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args),
-                preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space)
+                preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space,
+                target_itl_ms=args.target_itl_ms,
+                max_num_partial_prefills=args.max_num_partial_prefills,
+                max_long_partial_prefills=args.max_long_partial_prefills,
+                long_prefill_token_threshold=args.long_prefill_token_threshold)
 
 
 def _tenant_weights(args) -> dict[str, float]:

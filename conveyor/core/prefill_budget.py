@@ -23,13 +23,30 @@ reserves decode tokens (a prompt is prefilled whole or not at all). No torch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from conveyor.config import SchedulerConfig
 from conveyor.core.request import Request
 from conveyor.core.step_cost import StepCostModel, StepFeatures
 
+logger = logging.getLogger("conveyor")
+
 MIN_PREFILL_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class StepCostSnapshot:
+    """The cost model and the budget, as ``/metrics`` shows them (data only)."""
+
+    target_s: float | None
+    coefficients: tuple[tuple[str, float], ...]     # seconds per step, token, row, context pair
+    num_steps: int                                   # steps the fit has seen
+    is_ready: bool
+    last_predicted_s: float                          # the last measured step, as predicted
+    last_measured_s: float
+    mean_abs_error_s: float
+    prefill_budget_tokens: int                       # the last step's chosen prefill budget
 
 
 @dataclass(slots=True)
@@ -155,6 +172,20 @@ class PrefillPolicy:
 
     def observe(self, seconds: float) -> None:
         """The last scheduled step took ``seconds`` (measured by the engine)."""
-        if self._last_features is not None:
-            self.model.observe(self._last_features, seconds)
-            self._last_features = None
+        f = self._last_features
+        if f is None:
+            return
+        self.model.observe(f, seconds)
+        self._last_features = None
+        if logger.isEnabledFor(logging.DEBUG):
+            budget = self.last_plan.stats.prefill_budget_tokens if self.last_plan else 0
+            logger.debug("step cost: %d tokens, %d rows: predicted %.1f ms, measured %.1f ms; "
+                         "prefill budget %d tokens", f.num_tokens, f.num_rows,
+                         self.model.last_predicted_s * 1e3, seconds * 1e3, budget)
+
+    def snapshot(self) -> StepCostSnapshot:
+        m = self.model
+        budget = self.last_plan.stats.prefill_budget_tokens if self.last_plan else 0
+        return StepCostSnapshot(self.target_s, tuple(m.coefficients.items()), m.num_steps,
+                                m.is_ready, m.last_predicted_s, m.last_measured_s,
+                                m.mean_abs_error_s, budget)

@@ -43,7 +43,9 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
                   "enable_prefix_caching", "prefix_cache_scope", "preemption_mode",
                   "swap_space_bytes"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
-                  "batch_timeout_s", "fair_scheduling", "tenant_weights"}
+                  "batch_timeout_s", "fair_scheduling", "tenant_weights", "target_itl_ms",
+                  "max_num_partial_prefills", "max_long_partial_prefills",
+                  "long_prefill_token_threshold"}
     unknown = set(kw) - model_keys - cache_keys - sched_keys
     if unknown:
         raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from conveyor.core.prefill_budget import StepCostSnapshot
 from conveyor.errors import ConveyorError
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -61,6 +62,7 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0           # of which found cached
     preemptions_by_mode: tuple[tuple[str, int], ...] = ()
+    step_cost: StepCostSnapshot | None = None    # the step-cost model and prefill budget
 
 
 @dataclass(slots=True)
@@ -285,4 +287,5 @@ def _take_snapshot(engine: Any) -> EngineSnapshot:
     return EngineSnapshot(len(scheduler.running), len(scheduler.waiting), pool.num_free_blocks,
                           pool.num_blocks, pool.usage, scheduler.num_preemptions_total,
                           pool.num_cached_free_blocks, kv.num_prefix_queries, kv.num_prefix_hits,
-                          tuple(sorted(scheduler.num_preemptions_by_mode.items())))
+                          tuple(sorted(scheduler.num_preemptions_by_mode.items())),
+                          scheduler.prefill.snapshot())
