@@ -120,6 +120,19 @@ class SchedulerConfig:
         aliases=("--tenant-weight",), parse=parse_tenant_weight, repeat=True,
         metavar="TENANT=WEIGHT")
     record_steps: bool = opt(False, "keep a StepStats per executed step", flag=False)
+    target_itl_ms: float | None = opt(
+        None, "inter-token latency target (an SLO, milliseconds): each step's prefill tokens are "
+              "sized so its predicted time (a cost model measured on this machine, core.step_cost) "
+              "stays under it; decodes always run and a prompt always advances (default: off, the "
+              "fixed token budget); needs chunked prefill and continuous batching",
+        metavar="MS", gt=0, max=3.6e6)
+    max_num_partial_prefills: int = opt(1, "prefill chunks per step that leave their prompt "
+                                           "unfinished (vLLM's name)", min=1, max=1 << 16)
+    max_long_partial_prefills: int = opt(1, "of those, how many may be for long prompts",
+                                         min=1, max=1 << 16)
+    long_prefill_token_threshold: int = opt(
+        0, "a prompt with more tokens left is long: while other prefills wait its chunk is at "
+           "most this many tokens (default 0: none is long)", min=0, max=1 << 30)
 
     @property
     def tenant_weights_dict(self) -> dict[str, float]:
@@ -138,6 +151,17 @@ class SchedulerConfig:
         check_fields(self)
         if not all(name and 0 < w < float("inf") for name, w in self.tenant_weights):
             _fail("tenant weights need a tenant name and a finite weight > 0", "tenant_weights")
+        self._check_prefill_budget()
+
+    def _check_prefill_budget(self) -> None:
+        if self.target_itl_ms is not None and not (self.enable_chunked_prefill
+                                                   and self.batching == "continuous"):
+            _fail("target_itl_ms needs chunked prefill and continuous batching (it sizes prefill "
+                  "chunks); drop --no-chunked-prefill / --batching or --target-itl-ms",
+                  "target_itl_ms")
+        if self.max_long_partial_prefills > self.max_num_partial_prefills:
+            _fail("max_long_partial_prefills must be between 1 and max_num_partial_prefills",
+                  "max_long_partial_prefills")
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,15 @@ def test_summary_explicit_duration_and_empty():
     assert (empty.completed, empty.request_throughput, empty.ttft_ms.p50) == (0, 0.0, None)
 
 
+def test_itl_goodput_is_the_longest_gap_of_each_stream():
+    r1, r2, r3, _ = _records()           # longest gaps: r1 1000 ms, r2 1000 ms, r3 none
+    assert meets_slos(r1, {"itl": 1000.0}) and not meets_slos(r1, {"itl": 999.0})
+    assert meets_slos(r3, {"itl": 1.0})  # one token: no gap, met
+    s = summarize(_records(), parse_slos(["itl:999", "ttft:5000"]))
+    assert s.goodput == pytest.approx(1 / 6)            # r3 only
+    assert parse_slos(["itl:250"]) == {"itl": 250.0}
+
+
 def test_slo_parsing():
     assert parse_slos(["ttft:500", "tpot:50", "e2el:9000"]) == {"ttft": 500.0, "tpot": 50.0, "e2e": 9000.0}
     assert parse_slos(None) is None

@@ -137,7 +137,8 @@ HOSTILE = [(spec.name, value) for cls in SERVE_CONFIGS for spec in flag_specs(cl
            for value in _hostile_values(spec)
            # 0 blocks/bytes of swap etc. are refused; these optional limits accept any positive
            if (spec.name, value) not in {("--seed", "0"), ("--shutdown-timeout", "0"),
-                                         ("--batch-timeout-s", "0")}]
+                                         ("--batch-timeout-s", "0"),
+                                         ("--long-prefill-token-threshold", "0")}]
 HOSTILE += [("--api-key", ""), ("--api-key", " k"), ("--tenant-weight", "a=0"),
             ("--tenant-weight", "=1"), ("--tenant-weight", "a=nan"), ("--host", ""),
             ("--served-model-name", ""), ("--max-model-len", "99999999999"),

@@ -154,6 +154,11 @@ def test_concurrent_streams_with_clients_leaving(main_server):
         assert successes(after, reason) - successes(before, reason) == expected
     delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
     assert delta("conveyor:e2e_request_latency_seconds_count") == 48
+    # the step-cost model was fitted on this server's steps (no target set: no target gauge)
+    assert delta("conveyor:step_cost_fitted_steps") > 0
+    assert metric(after, "conveyor:step_time_measured_seconds") > 0
+    assert metric(after, "conveyor:step_cost_coefficient_seconds", '{term="per_token"}') >= 0
+    assert "conveyor:step_time_target_seconds" not in after
     assert 36 <= delta("conveyor:time_to_first_token_seconds_count") <= 48
     assert delta("conveyor:inter_token_latency_seconds_count") >= sum(
         7 + i % 25 for i in range(48) if i not in cancel_after)

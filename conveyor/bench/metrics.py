@@ -6,7 +6,8 @@ Owns the arithmetic only (no I/O). Definitions, as in vLLM's ``bench serve``:
 - TTFT: first output - arrival. E2E: finish - arrival. TPOT (per request): (finish - first output)
   / (output tokens - 1). ITL: every gap between consecutive output chunks, pooled over requests.
 - Percentiles use linear interpolation (numpy's default); latencies are reported in milliseconds.
-- Goodput: requests per second that completed and met every SLO given (ttft, tpot, e2e in ms).
+- Goodput: requests per second that completed and met every SLO given (ttft, tpot, e2e, itl in
+  ms); the itl SLO is the inter-token promise: every gap of the request's stream is at most it.
 - Groups (per tenant, per priority): the same summary over the group's requests, with throughputs
   over the whole run's duration, so the groups' throughputs add up to the run's.
 
@@ -28,7 +29,7 @@ import numpy as np
 from conveyor.bench.records import RequestRecord, StepSample
 from conveyor.bench.workloads import WorkloadError
 
-SLO_KEYS = ("ttft", "tpot", "e2e")
+SLO_KEYS = ("ttft", "tpot", "e2e", "itl")
 GROUP_KEYS = ("tenant", "priority")     # RequestRecord fields a run is broken down by
 
 
@@ -99,17 +100,18 @@ def parse_slos(items: list[str] | None) -> dict[str, float] | None:
             ms = -1.0
         if key not in SLO_KEYS or not ms > 0:
             raise WorkloadError(f"not an SLO: {item!r}; use KEY:MILLISECONDS with KEY one of "
-                                f"{', '.join(SLO_KEYS)} (e.g. ttft:500 tpot:50)")
+                                f"{', '.join(SLO_KEYS)} (e.g. ttft:500 itl:100)")
         slos[key] = ms
     return slos
 
 
 def meets_slos(rec: RequestRecord, slos: dict[str, float]) -> bool:
-    """A completed request meets an SLO when its latency is at most the limit (TPOT of a
-    one-token request is undefined and counts as met)."""
+    """A completed request meets an SLO when its latency is at most the limit (itl: its longest
+    inter-token gap; TPOT and ITL of a one-token request are undefined and count as met)."""
     if not rec.success:
         return False
-    values = {"ttft": rec.ttft, "tpot": rec.tpot, "e2e": rec.e2e}
+    values = {"ttft": rec.ttft, "tpot": rec.tpot, "e2e": rec.e2e,
+              "itl": max(rec.itls) if rec.itls else None}
     return all(values[k] is None or values[k] * 1000.0 <= limit for k, limit in slos.items())
 
 

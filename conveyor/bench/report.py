@@ -83,6 +83,7 @@ def _request_row(r) -> dict:
     return {"id": r.request_id, "prompt_len": r.prompt_len, "max_tokens": r.max_tokens,
             "output_len": r.output_len, "arrival_s": r.arrival, "ttft_ms": _ms(r.ttft),
             "tpot_ms": _ms(r.tpot), "e2e_ms": _ms(r.e2e), "num_chunks": len(r.chunk_times),
+            "max_itl_ms": _ms(max(r.itls)) if r.itls else None,
             "num_preemptions": r.num_preemptions, "tenant": r.tenant, "priority": r.priority,
             "cached_tokens": r.cached_tokens, "error": r.error or None}
 

@@ -126,7 +126,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
     g.add_argument("--workload-seed", type=int, default=0)
     g.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000")
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000 itl:100 "
+                        "(itl: every inter-token gap of the request)")
     g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")

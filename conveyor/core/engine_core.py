@@ -144,6 +144,7 @@ class EngineCore:
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         for out in updated:
             out.stamp(sampled[out.request_id])
+        self.scheduler.observe_step_time(self.clock() - start)
         if self.step_log is not None and not sched_out.is_empty:
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)

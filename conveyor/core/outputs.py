@@ -140,6 +140,11 @@ class StepStats:
     kv_usage: float = 0.0
     slot_of: dict[str, int] = field(default_factory=dict)       # every slot holder -> slot index
     useful_request_ids: list[str] = field(default_factory=list)  # computed real tokens this step
+    # The prefill budget (``core.prefill_budget``): the step-time target (None: no target), the
+    # tokens a fresh prompt's chunk could take at step start, and the step's predicted seconds.
+    target_step_s: float | None = None
+    prefill_budget_tokens: int = 0
+    predicted_step_s: float = 0.0
 
     @classmethod
     def of_step(cls, out: "SchedulerOutput", requests: dict, num_running: int, num_waiting: int,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                    EngineCoreOutput, SchedulerOutput, StepStats)
+from conveyor.core.prefill_budget import PrefillPolicy, StepPlan
 from conveyor.core.request import Request, RequestStatus, check_stop
 from conveyor.core.scheduler_state import SchedulerState
 from conveyor.core.slot_reclaim import admission_victim
@@ -36,6 +37,13 @@ from conveyor.core.slot_reclaim import admission_victim
 
 class Scheduler(SchedulerState):
     """Decides each step's batch and applies each step's sampled tokens."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefill = PrefillPolicy(self.config)   # chunk sizes: time budget, partial prefills
+
+    def observe_step_time(self, seconds: float) -> None:
+        self.prefill.observe(seconds)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
@@ -45,16 +53,21 @@ class Scheduler(SchedulerState):
         preempted: list[Request] = []
         # Highest priority first (then oldest): the last running request is the preemption victim.
         self.running.sort(key=_priority_key)
-        budget = self._schedule_running(budget, num_scheduled, new_blocks, preempted)
+        plan = self.prefill.begin_step(self.running, len(self.waiting), budget)
+        budget = self._schedule_running(budget, num_scheduled, new_blocks, preempted, plan)
         admitted = [] if preempted else self._schedule_waiting(budget, num_scheduled, new_blocks,
-                                                               preempted)
+                                                               preempted, plan)
         return self._build_output(num_scheduled, new_blocks, preempted, admitted)
 
-    def _schedule_running(self, budget, num_scheduled, new_blocks, preempted) -> int:
+    def _schedule_running(self, budget, num_scheduled, new_blocks, preempted,
+                          plan: StepPlan) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = plan.cap(req, min(req.num_tokens - req.num_computed_tokens, budget), budget)
+            if n == 0:
+                i += 1
+                continue
             blocks = self.kv.allocate_slots(req, n)
             while blocks is None:
                 victim = self.running.pop()
@@ -65,13 +78,15 @@ class Scheduler(SchedulerState):
                 blocks = self.kv.allocate_slots(req, n)
             if blocks is None:
                 break
+            plan.charge(req, n)
             num_scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
             i += 1
         return budget
 
-    def _schedule_waiting(self, budget, num_scheduled, new_blocks, preempted) -> list[Request]:
+    def _schedule_waiting(self, budget, num_scheduled, new_blocks, preempted,
+                          plan: StepPlan) -> list[Request]:
         admitted: list[Request] = []
         admitted_ids: set[str] = set()       # never a victim in this step (nor swapped out)
         preempted_ids: set[str] = set()      # never re-admitted in this step
@@ -81,20 +96,24 @@ class Scheduler(SchedulerState):
             req = self.waiting.peek()
             if req is None or budget <= 0 or req.request_id in preempted_ids:
                 break
-            blocks = self._allocate_with_prefix_cache(req, budget) if self._free_slots else None
+            blocks, n = (self._allocate_with_prefix_cache(req, budget, plan) if self._free_slots
+                         else (None, -1))
             if blocks is None:
+                if n == 0:
+                    break        # the step's time or partial-prefill allowance is spent
                 victim = admission_victim(req, self.running, admitted_ids, self.waiting,
                                           self.config.max_num_seqs)
                 if victim is None:
                     break
                 budget += num_scheduled.pop(victim.request_id, 0)
+                plan.refund(victim.request_id)
                 new_blocks.pop(victim.request_id, None)
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 preempted_ids.add(victim.request_id)
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            plan.charge(req, n)
             self.waiting.pop()
             self._admit(req)
             admitted.append(req)
@@ -106,34 +125,42 @@ class Scheduler(SchedulerState):
             raise AssertionError("schedule() exceeded its iteration bound")
         return admitted
 
-    def _allocate_with_prefix_cache(self, req: Request, budget: int) -> list[int] | None:
-        """Adopt cached prefix blocks, then allocate for the next chunk; None (and nothing
-        changed) when it does not fit the budget rule or the pool."""
+    def _allocate_with_prefix_cache(self, req: Request, budget: int,
+                                    plan: StepPlan) -> tuple[list[int] | None, int]:
+        """Adopt cached prefix blocks, then allocate for the next chunk: (blocks, tokens), or,
+        with nothing changed, (None, 0) when the step's plan gives it no tokens and (None, -1)
+        when it does not fit the budget rule or the pool."""
         if self.swap is not None and self.swap.is_swapped(req):
-            return self._allocate_swapped_in(req, budget)
+            return self._allocate_swapped_in(req, budget, plan)
         hits = self.kv.get_computed_blocks(req)
         self.kv.take_computed_blocks(req, hits)
         remaining = req.num_tokens - req.num_computed_tokens
         # Without chunking a prefill waits for a step with budget for all of it, unless it is
         # longer than any budget (a resumed request: prompt + output): then it is chunked.
         whole = not self.config.enable_chunked_prefill and remaining <= self.token_budget()
+        n = plan.cap(req, min(remaining, budget), budget)
         blocks = None
-        if not whole or remaining <= budget:
-            blocks = self.kv.allocate_slots(req, min(remaining, budget))
+        if n > 0 and (not whole or n == remaining):
+            blocks = self.kv.allocate_slots(req, n)
         if blocks is None:
             self.kv.free(req)
             req.num_computed_tokens = 0
-            return None
+            return None, 0 if n == 0 and not whole else -1
         if not req.first_scheduled_time:
             req.num_cached_tokens = req.num_computed_tokens
         self.kv.record_prefix_lookup(req.num_tokens, len(hits) * self.kv.block_size)
-        return hits + blocks
+        return hits + blocks, n
 
-    def _allocate_swapped_in(self, req: Request, budget: int) -> list[int] | None:
-        blocks = self.kv.allocate_slots(req, min(req.num_tokens - req.num_computed_tokens, budget))
-        if blocks is not None:
-            self._swap_in += self.swap.swap_in(req, blocks)
-        return blocks
+    def _allocate_swapped_in(self, req: Request, budget: int,
+                             plan: StepPlan) -> tuple[list[int] | None, int]:
+        n = plan.cap(req, min(req.num_tokens - req.num_computed_tokens, budget), budget)
+        if n == 0:
+            return None, 0
+        blocks = self.kv.allocate_slots(req, n)
+        if blocks is None:
+            return None, -1
+        self._swap_in += self.swap.swap_in(req, blocks)
+        return blocks, n
 
     def _admit(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
@@ -191,6 +218,10 @@ class Scheduler(SchedulerState):
                                             len(self.waiting), self.config.max_num_seqs,
                                             len(admitted), num_preempted, self.kv.pool.usage,
                                             self.slot_of)
+        plan = self.prefill.end_step(out.num_scheduled_tokens, self.requests)
+        self.last_stats.target_step_s = plan.target_s
+        self.last_stats.prefill_budget_tokens = plan.prefill_budget_tokens
+        self.last_stats.predicted_step_s = plan.predicted_s
 
     # ------------------------------------------------------------------ update
     def update_from_output(self, sched: SchedulerOutput,

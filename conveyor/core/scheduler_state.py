@@ -50,6 +50,9 @@ class SchedulerState:
         """Tokens one step may compute under this policy."""
         return self.config.max_num_batched_tokens
 
+    def observe_step_time(self, seconds: float) -> None:
+        """The engine measured the last scheduled step (a policy with a cost model uses it)."""
+
     # ------------------------------------------------------------------ batch slots
     def _take_slot(self, req: Request) -> None:
         self.slot_of[req.request_id] = heapq.heappop(self._free_slots)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conveyor.core.prefill_budget import StepCostSnapshot
+
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
@@ -29,6 +31,7 @@ class EngineStats:
     preemptions_by_mode: tuple[tuple[str, int], ...] = ()
     num_steps: int = 0                   # steps that ran the model
     last_step_num_scheduled_tokens: int = 0   # tokens the latest schedule() computed (0: none)
+    step_cost: StepCostSnapshot | None = None  # the step-cost model and prefill budget
 
     @property
     def preemptions(self) -> dict[str, int]:
@@ -44,4 +47,10 @@ def collect_stats(scheduler, kv_manager, num_steps: int) -> EngineStats:
                        pool.num_cached_free_blocks, kv_manager.num_prefix_queries,
                        kv_manager.num_prefix_hits,
                        tuple(sorted(scheduler.num_preemptions_by_mode.items())), num_steps,
-                       scheduler.last_stats.num_scheduled_tokens)
+                       scheduler.last_stats.num_scheduled_tokens, _step_cost(scheduler))
+
+
+def _step_cost(scheduler) -> StepCostSnapshot | None:
+    """The continuous scheduler's cost model and budget (the batch baselines have none)."""
+    prefill = getattr(scheduler, "prefill", None)
+    return prefill.snapshot() if prefill is not None else None

@@ -24,6 +24,8 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from conveyor.metrics.step_cost import StepCostCollector
+
 PREFIX = "conveyor:"
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -137,6 +139,7 @@ class ServingMetrics:
                                     "Arrival to first scheduled.", buckets=_REQUEST_BUCKETS,
                                     registry=r)
         r.register(_SnapshotCollector(read_snapshot))
+        r.register(StepCostCollector(PREFIX, lambda: getattr(read_snapshot(), "step_cost", None)))
         ProcessCollector(registry=r)     # process_resident_memory_bytes & co., as vLLM exposes
         if read_watchdog is not None:
             r.register(_WatchdogCollector(read_watchdog))
