@@ -53,6 +53,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tenant-weight", action="append", default=[], metavar="TENANT=WEIGHT",
                    help="weight of a tenant under --fair-scheduling (repeatable; default 1)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM spelling: {"method":"ngram"|"suffix"|'
+                        '"draft_model","num_speculative_tokens":K,"prompt_lookup_max":N,'
+                        '"prompt_lookup_min":M,"model":PATH}')
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "sdpa", "reference"],
                    help="auto: the C++ paged kernel on CPU where it builds, else sdpa")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -72,7 +76,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefix_cache_scope=args.prefix_cache_scope, batching=args.batching,
                 batch_timeout_s=args.batch_timeout, kv_allocation=args.kv_allocation,
                 fair_scheduling=args.fair_scheduling, tenant_weights=_tenant_weights(args),
-                preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space)
+                preemption_mode=args.preemption_mode, swap_space_bytes=args.swap_space,
+                speculative_config=args.speculative_config)
 
 
 def _tenant_weights(args) -> dict[str, float]:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from conveyor import platform
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                             SpeculativeConfig)
 from conveyor.core.engine_core import EngineCore
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.swap import PreemptionCosts, SwapManager
@@ -44,12 +45,13 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
                   "swap_space_bytes"}
     sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "batching",
                   "batch_timeout_s", "fair_scheduling", "tenant_weights"}
-    unknown = set(kw) - model_keys - cache_keys - sched_keys
+    unknown = set(kw) - model_keys - cache_keys - sched_keys - {"speculative_config"}
     if unknown:
         raise InvalidRequestError(f"unknown engine option(s): {sorted(unknown)}")
     pick = lambda keys: {k: v for k, v in kw.items() if k in keys and v is not None}  # noqa: E731
     return EngineConfig(ModelConfig(**pick(model_keys)), CacheConfig(**pick(cache_keys)),
-                        SchedulerConfig(**pick(sched_keys)))
+                        SchedulerConfig(**pick(sched_keys)),
+                        SpeculativeConfig.from_json(kw.get("speculative_config")))
 
 
 class LLMEngine:
@@ -79,12 +81,13 @@ class LLMEngine:
         kv = allocate_kv_caches(self.model, num_blocks, bs, self.dtype, self.device)
         swap, host_kv = self._swap_manager(arch)
         self.runner = ModelRunner(self.model, kv, bs, self.eos_token_ids, self.device, mc.seed,
-                                  host_kv)
+                                  host_kv, self._proposer(num_blocks))
         self.core = EngineCore(self.runner, config.scheduler, num_blocks, bs, self.max_model_len,
                                kv_allocation=config.cache.kv_allocation, record_steps=record_steps,
                                enable_prefix_caching=config.cache.enable_prefix_caching
                                and config.scheduler.batching == "continuous", swap=swap,
-                               isolate_tenants=config.cache.prefix_cache_scope == "tenant")
+                               isolate_tenants=config.cache.prefix_cache_scope == "tenant",
+                               speculative=config.speculative)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self.structured = StructuredOutputManager(self.tokenizer.hf, arch.vocab_size,
                                                   self.eos_token_ids)
@@ -117,6 +120,20 @@ class LLMEngine:
         want_len = self.config.model.max_model_len or arch.max_position_embeddings
         want = self.config.scheduler.max_num_seqs * -(-want_len // bs)
         return max(1, min(want, _DEFAULT_KV_CAP_BYTES // per_block))
+
+    def _proposer(self, num_blocks: int):
+        """Speculative decoding's draft proposer, or None when it is off."""
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        from conveyor.spec_decode import build_proposer
+
+        def draft_model():
+            from conveyor.spec_decode.draft_model import DraftModelProposer
+            return DraftModelProposer.load(spec.model, self.model.config.vocab_size, self.dtype,
+                                           self.device, self.attention_backend, num_blocks,
+                                           self.config.cache.block_size)
+        return build_proposer(spec, draft_model)
 
     def _swap_manager(self, arch):
         """Host pool and cost model for swap preemption (None when preempting by recompute)."""
