@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run_engine
 
+from conveyor.errors import InvalidRequestError
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.engine import LLMEngine
 from conveyor.structured import StructuredOutputsParams
@@ -22,19 +23,29 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
 SUFFIX = {**NGRAM, "method": "suffix"}
 
 
-@pytest.fixture(scope="session")
-def vocab32_dir(tmp_path_factory, smollm2_path) -> str:
+def _vocab32(tmp_path_factory, smollm2_path, seed: int) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("vocab32")
+    path = tmp_path_factory.mktemp(f"vocab32_{seed}")
     cfg = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                       initializer_range=0.3, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     d, f = os.path.split(smollm2_path)
     AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def vocab32_dir(tmp_path_factory, smollm2_path) -> str:
+    return _vocab32(tmp_path_factory, smollm2_path, 0)
+
+
+@pytest.fixture(scope="session")
+def vocab32_draft_dir(tmp_path_factory, smollm2_path) -> str:
+    """Another random model (its drafts are sometimes right) with the same vocabulary."""
+    return _vocab32(tmp_path_factory, smollm2_path, 1)
 
 
 def prompts(n: int = 4) -> list[list[int]]:
@@ -128,3 +139,23 @@ def test_structured_outputs_mask_every_draft_position(tiny_llama_dir):
     assert got == reference
     assert all(o.text == "ab c" * 6 for o in outs)
     assert sched.spec_stats.num_accepted_tokens > 0
+
+
+def test_draft_model_greedy_identical(vocab32_dir, vocab32_draft_dir):
+    reference, _, _ = generate(vocab32_dir, None, greedy)
+    spec = {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False}
+    got, sched, _ = generate(vocab32_dir, {**spec, "model": vocab32_draft_dir}, greedy,
+                             num_blocks=16)
+    assert got == reference
+    assert 0 < sched.spec_stats.num_accepted_tokens < sched.spec_stats.num_draft_tokens
+    assert sched.num_preemptions_total > 0
+    # the target as its own draft: every draft is accepted
+    got, sched, _ = generate(vocab32_dir, {**spec, "model": vocab32_dir}, greedy)
+    assert got == reference
+    assert sched.spec_stats.num_accepted_tokens == sched.spec_stats.num_draft_tokens > 0
+
+
+def test_draft_model_with_another_vocabulary_is_refused(vocab32_dir, tiny_llama_dir):
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        LLMEngine.from_kwargs(model=vocab32_dir, dtype="float32", num_blocks=8, speculative_config={
+            "method": "draft_model", "model": tiny_llama_dir})
