@@ -159,3 +159,39 @@ def test_draft_model_with_another_vocabulary_is_refused(vocab32_dir, tiny_llama_
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         LLMEngine.from_kwargs(model=vocab32_dir, dtype="float32", num_blocks=8, speculative_config={
             "method": "draft_model", "model": tiny_llama_dir})
+
+
+def test_llm_kwarg_metrics_and_bench_counters(vocab32_dir):
+    from conveyor.bench.offline import counters_delta, engine_counters
+    from conveyor.metrics.prometheus import ServingMetrics
+    from conveyor.serving.engine_thread import _take_snapshot
+    from conveyor.serving.llm import LLM
+    llm = LLM(vocab32_dir, dtype="float32", num_blocks=40, block_size=8, speculative_config=NGRAM)
+    before = engine_counters(llm.engine)
+    out = llm.generate([prompts(1)[0]], greedy(0))
+    assert len(out[0].outputs[0].token_ids) == 30
+    llm.engine.check_invariants()
+    stats = llm.engine.core.scheduler.spec_stats
+    delta = counters_delta(before, engine_counters(llm.engine))["spec_decode"]
+    assert delta["num_draft_tokens"] == stats.num_draft_tokens > 0
+    assert delta["num_accepted_tokens"] == stats.num_accepted_tokens
+    assert delta["mean_accepted_length"] == pytest.approx(stats.mean_accepted_length)
+    snap = _take_snapshot(llm.engine)
+    text = ServingMetrics(lambda: snap).render().decode()
+    assert f"conveyor:spec_decode_num_draft_tokens_total {float(stats.num_draft_tokens)}" in text
+    assert f"conveyor:spec_decode_num_accepted_tokens_total {float(stats.num_accepted_tokens)}" \
+        in text
+    first = stats.accepted_per_position[0]
+    assert f'conveyor:spec_decode_num_accepted_tokens_per_pos_total{{position="0"}} ' \
+           f'{float(first)}' in text
+
+
+def test_bad_speculative_config_is_a_one_line_cli_error():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "conveyor.cli", "generate", "hi",
+                           "--speculative-config", '{"method":"medusa"}'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "speculative method must be one of" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -68,8 +68,12 @@ def engine_counters(engine) -> dict | None:
     by_mode = getattr(sched, "num_preemptions_by_mode", None)
     if not isinstance(queries, int) or not isinstance(hits, int):
         return None
+    spec = getattr(sched, "spec_stats", None) if getattr(sched, "spec", None) else None
     return {"queries": queries, "hits": hits,
-            "by_mode": dict(by_mode) if isinstance(by_mode, dict) else {}}
+            "by_mode": dict(by_mode) if isinstance(by_mode, dict) else {},
+            "spec": None if spec is None else (spec.num_drafts, spec.num_draft_tokens,
+                                               spec.num_accepted_tokens,
+                                               list(spec.accepted_per_position))}
 
 
 def counters_delta(before: dict | None, after: dict | None) -> dict | None:
@@ -81,7 +85,20 @@ def counters_delta(before: dict | None, after: dict | None) -> dict | None:
     return {"prefix_cache": {"queries": queries, "hits": hits,
                              "hit_rate": hits / queries if queries else None},
             "preemptions_by_mode": {m: after["by_mode"].get(m, 0) - before["by_mode"].get(m, 0)
-                                    for m in modes}}
+                                    for m in modes},
+            "spec_decode": _spec_delta(before.get("spec"), after.get("spec"))}
+
+
+def _spec_delta(before, after) -> dict | None:
+    """Speculative decoding over one run, in vLLM's names (None when it is off)."""
+    if before is None or after is None:
+        return None
+    drafts, tokens, accepted = (a - b for a, b in zip(after[:3], before[:3]))
+    per_pos = [a - (before[3][i] if i < len(before[3]) else 0) for i, a in enumerate(after[3])]
+    return {"num_drafts": drafts, "num_draft_tokens": tokens, "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": per_pos,
+            "acceptance_rate": accepted / tokens if tokens else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None}
 
 
 def run_offline(engine, workload: Workload, label: str = "offline", config: dict | None = None,

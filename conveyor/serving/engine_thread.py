@@ -61,6 +61,9 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0        # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0           # of which found cached
     preemptions_by_mode: tuple[tuple[str, int], ...] = ()
+    # speculative decoding (None when off): (num_drafts, num_draft_tokens, num_accepted_tokens,
+    # accepted tokens per draft position)
+    spec_decode: tuple[int, int, int, tuple[int, ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -285,4 +288,13 @@ def _take_snapshot(engine: Any) -> EngineSnapshot:
     return EngineSnapshot(len(scheduler.running), len(scheduler.waiting), pool.num_free_blocks,
                           pool.num_blocks, pool.usage, scheduler.num_preemptions_total,
                           pool.num_cached_free_blocks, kv.num_prefix_queries, kv.num_prefix_hits,
-                          tuple(sorted(scheduler.num_preemptions_by_mode.items())))
+                          tuple(sorted(scheduler.num_preemptions_by_mode.items())),
+                          _spec_counts(scheduler))
+
+
+def _spec_counts(scheduler: Any) -> tuple[int, int, int, tuple[int, ...]] | None:
+    if scheduler.spec is None:
+        return None
+    st = scheduler.spec_stats
+    return (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens,
+            tuple(st.accepted_per_position))

@@ -20,7 +20,8 @@ class LLM:
     """An engine plus a run-to-completion loop.
 
     Keyword arguments are vLLM's engine arguments: dtype, device, max_model_len, block_size,
-    num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed.
+    num_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed,
+    speculative_config (JSON text, a dict or a ``SpeculativeConfig``).
     """
 
     def __init__(self, model: str | None = None, *, attention_backend: str = "auto", **kwargs):
