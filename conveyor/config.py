@@ -164,16 +164,89 @@ class SchedulerConfig:
                   "max_long_partial_prefills")
 
 
+SPEC_METHODS = ("ngram", "suffix", "draft_model")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``--speculative-config`` JSON spelling).
+
+    method: "ngram" (prompt lookup over the request's own tokens), "suffix" (a suffix index over
+        the request's tokens and, with ``suffix_cross_request``, earlier requests' outputs) or
+        "draft_model" (a smaller model with the same vocabulary proposes greedily).
+    num_speculative_tokens: most draft tokens verified per request per step.
+    prompt_lookup_max / prompt_lookup_min: longest / shortest n-gram (ngram) or suffix (suffix)
+        matched against the history to find a continuation.
+    model: the draft model (HF directory or .gguf); only with method "draft_model".
+    adaptive: decide per step how many drafts pay off from measured step costs and each request's
+        acceptance (False: always ``num_speculative_tokens`` when a draft exists).
+    suffix_cross_request: the suffix index also holds finished requests' outputs.
+    suffix_max_requests: how many finished requests' outputs the suffix index keeps.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    model: str | None = None
+    adaptive: bool = True
+    suffix_cross_request: bool = True
+    suffix_max_requests: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPEC_METHODS,
+                 f"speculative method must be one of {SPEC_METHODS}, got {self.method!r}", "method")
+        _require(self.num_speculative_tokens > 0, "num_speculative_tokens must be positive",
+                 "num_speculative_tokens")
+        _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+                 "need 1 <= prompt_lookup_min <= prompt_lookup_max", "prompt_lookup_min")
+        _require((self.model is not None) == (self.method == "draft_model"),
+                 'speculative "model" is required with method "draft_model" and only there',
+                 "model")
+        _require(self.suffix_max_requests >= 0, "suffix_max_requests must be >= 0",
+                 "suffix_max_requests")
+
+    @classmethod
+    def from_json(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """From the JSON text or dict of ``--speculative-config`` (None stays None)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                _fail(f"speculative config is not JSON: {exc}", "speculative_config")
+        _require(isinstance(value, dict), "speculative config must be a JSON object",
+                 "speculative_config")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        _require(not unknown, f"unknown speculative config key(s): {sorted(unknown)}",
+                 "speculative_config")
+        return cls(**value)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Everything an engine needs, grouped by concern."""
+    """Everything an engine needs, grouped by concern (``speculative``: None = off)."""
 
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    speculative: SpeculativeConfig | None = None
 
 
-ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig)
+@dataclass(frozen=True, slots=True)
+class SpeculativeOption:
+    """The one engine flag that is not a field of a group above: ``--speculative-config``."""
+
+    speculative_config: str | None = opt(
+        None, "speculative decoding, vLLM's JSON: {\"method\":\"ngram\",\"num_speculative_"
+              "tokens\":4,\"prompt_lookup_max\":4,\"prompt_lookup_min\":2}; \"suffix\"; or "
+              "\"draft_model\" with \"model\": PATH (same vocabulary) (default: off)",
+        metavar="JSON")
+
+
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, SpeculativeOption)
 
 
 def _fail(message: str, field: str) -> None:
@@ -181,14 +254,22 @@ def _fail(message: str, field: str) -> None:
     raise ConfigError(message, field)
 
 
+def _require(ok: bool, message: str, field: str) -> None:
+    if not ok:
+        _fail(message, field)
+
+
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments (each group's field names; None: the default) ->
-    grouped frozen configs. Raises ``ConfigError`` for a name no group has."""
+    grouped frozen configs. Raises ``ConfigError`` for a name no group has.
+    ``speculative_config`` is JSON text, a dict or a ``SpeculativeConfig``."""
     from dataclasses import fields
-    names = [{f.name for f in fields(group)} for group in ENGINE_GROUPS]
+    spec = SpeculativeConfig.from_json(kw.pop("speculative_config", None))
+    groups = ENGINE_GROUPS[:3]
+    names = [{f.name for f in fields(group)} for group in groups]
     unknown = set(kw).difference(*names)
     if unknown:
         _fail(f"unknown engine option(s): {sorted(unknown)}", sorted(unknown)[0])
     parts = [group(**{k: v for k, v in kw.items() if k in keys and v is not None})
-             for group, keys in zip(ENGINE_GROUPS, names)]
-    return EngineConfig(*parts)
+             for group, keys in zip(groups, names)]
+    return EngineConfig(*parts, spec)

@@ -84,6 +84,11 @@ def engine_line(entry: dict) -> str | None:
     modes = entry.get("preemptions_by_mode") or {}
     if any(modes.values()):
         parts.append("preemptions " + ", ".join(f"{m} {n}" for m, n in modes.items()))
+    spec = entry.get("spec_decode")
+    if spec and spec["num_drafts"]:
+        parts.append(f"spec decode {spec['num_accepted_tokens']}/{spec['num_draft_tokens']} draft "
+                     f"tok accepted ({100 * spec['acceptance_rate']:.1f}%), mean accepted length "
+                     f"{spec['mean_accepted_length']:.2f}")
     client_cpu, wall = (entry.get("config") or {}).get("client_cpu_s"), entry.get("wall_s")
     if client_cpu is not None and wall:
         parts.append(f"load generator CPU {client_cpu:.2f} s ({100 * client_cpu / wall:.1f}% of "

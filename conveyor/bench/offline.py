@@ -64,8 +64,10 @@ def engine_counters(engine) -> dict | None:
     if read is None:
         return None
     stats: EngineStats = read()
+    spec = stats.spec_decode
     return {"queries": stats.prefix_cache_queries, "hits": stats.prefix_cache_hits,
-            "by_mode": stats.preemptions}
+            "by_mode": stats.preemptions,
+            "spec": None if spec is None else (spec[0], spec[1], spec[2], list(spec[3]))}
 
 
 def counters_delta(before: dict | None, after: dict | None) -> dict | None:
@@ -77,7 +79,20 @@ def counters_delta(before: dict | None, after: dict | None) -> dict | None:
     return {"prefix_cache": {"queries": queries, "hits": hits,
                              "hit_rate": hits / queries if queries else None},
             "preemptions_by_mode": {m: after["by_mode"].get(m, 0) - before["by_mode"].get(m, 0)
-                                    for m in modes}}
+                                    for m in modes},
+            "spec_decode": _spec_delta(before.get("spec"), after.get("spec"))}
+
+
+def _spec_delta(before, after) -> dict | None:
+    """Speculative decoding over one run, in vLLM's names (None when it is off)."""
+    if before is None or after is None:
+        return None
+    drafts, tokens, accepted = (a - b for a, b in zip(after[:3], before[:3]))
+    per_pos = [a - (before[3][i] if i < len(before[3]) else 0) for i, a in enumerate(after[3])]
+    return {"num_drafts": drafts, "num_draft_tokens": tokens, "num_accepted_tokens": accepted,
+            "num_accepted_tokens_per_pos": per_pos,
+            "acceptance_rate": accepted / tokens if tokens else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None}
 
 
 def run_offline(engine, workload: Workload, label: str = "offline", config: dict | None = None,

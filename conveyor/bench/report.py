@@ -70,6 +70,7 @@ def run_entry(run: RunResult, slos: dict[str, float] | None = None) -> dict:
         "batch": dataclasses.asdict(batch) if batch is not None else None,
         "prefix_cache": stats.get("prefix_cache"),
         "preemptions_by_mode": stats.get("preemptions_by_mode"),
+        "spec_decode": stats.get("spec_decode"),
         "cached_tokens": sum(cached) if cached else None,
         "requests": [_request_row(r) for r in run.records],
     }

@@ -75,7 +75,9 @@ class BatchScheduler(Scheduler):
         for req in list(self.running):
             if req.status != RequestStatus.RUNNING:
                 continue                       # preempted earlier in this loop
-            blocks = self.kv.allocate_slots(req, 1)
+            budget = self.token_budget()
+            n, blocks = self._allocate_running(
+                req, min(req.num_tokens - req.num_computed_tokens, budget), budget)
             while blocks is None and self.running:
                 victim = self.running.pop()
                 self.members.remove(victim)
@@ -83,10 +85,11 @@ class BatchScheduler(Scheduler):
                 preempted.append(victim)
                 if victim is req:
                     break
-                blocks = self.kv.allocate_slots(req, 1)
+                blocks = self.kv.allocate_slots(req, n)
             if blocks is None:
                 continue
-            num_scheduled[req.request_id] = 1
+            self._note_drafts(req, n)
+            num_scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
         padding = [1] * sum(1 for m in self.members if m.is_finished)
         return self._build_output(num_scheduled, new_blocks, preempted, [], padding)

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Protocol
 
-from conveyor.config import SchedulerConfig
+from conveyor.config import SchedulerConfig, SpeculativeConfig
 from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.grammar_wait import GrammarWaitQueue, grammar_bitmask
@@ -31,6 +31,7 @@ from conveyor.core.outputs import (EngineCoreOutput, EngineCoreOutputs, ModelRun
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
 from conveyor.core.stats import EngineStats, collect_stats
+from conveyor.core.spec_policy import MeasuredStepCost, SpecPolicy
 from conveyor.core.swap import SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
 
@@ -49,9 +50,10 @@ class EngineCore:
                  block_size: int, max_model_len: int, clock=time.monotonic,
                  kv_allocation: str = "paged", record_steps: bool = False,
                  enable_prefix_caching: bool = False, swap: SwapManager | None = None,
-                 isolate_tenants: bool = True):
+                 isolate_tenants: bool = True, speculative: SpeculativeConfig | None = None):
         """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks);
-        isolate_tenants: the prefix cache is per tenant (see ``KVCacheManager``)."""
+        isolate_tenants: the prefix cache is per tenant (see ``KVCacheManager``); speculative:
+        speculative decoding (the runner must propose drafts), adaptive on measured step costs."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -65,6 +67,10 @@ class EngineCore:
         else:
             self.scheduler = BatchScheduler(scheduler_config, self.kv_manager, max_model_len,
                                             scheduler_config.launch_timeout_s, clock)
+        self.step_cost = MeasuredStepCost()
+        if speculative is not None:
+            self.scheduler.spec = SpecPolicy(speculative.num_speculative_tokens,
+                                             self.step_cost if speculative.adaptive else None)
         self.num_steps = 0
         self.step_log: list[StepStats] | None = [] if record_steps else None
         self.grammar_wait = GrammarWaitQueue()   # structured outputs still compiling
@@ -145,6 +151,7 @@ class EngineCore:
         for out in updated:
             out.stamp(sampled[out.request_id])
         self.scheduler.observe_step_time(self.clock() - start)
+        self.step_cost.observe(sched_out.total_num_scheduled_tokens, self.clock() - start)
         if self.step_log is not None and not sched_out.is_empty:
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)

@@ -72,12 +72,14 @@ class GrammarWaitQueue:
 
 def grammar_bitmask(sched: SchedulerOutput, requests: dict[str, Request]) -> GrammarBitmask | None:
     """The bitmask of the constrained requests that sample in ``sched`` (their KV catches up with
-    their tokens this step); requests still prefilling a chunk get no mask, nor do others."""
+    their tokens this step); requests still prefilling a chunk get no mask, nor do others. A
+    request with drafts gets one row per verified position (``request_ids`` repeats it)."""
     rows = []
     for rid, n in sched.num_scheduled_tokens.items():
         req = requests[rid]
         sr = req.structured
+        drafts = sched.scheduled_spec_tokens.get(rid, [])
         if sr is not None and sr.matcher is not None \
-                and req.num_computed_tokens + n == req.num_tokens:
-            rows.append((rid, sr))
+                and req.num_computed_tokens + n - len(drafts) == req.num_tokens:
+            rows.append((rid, sr, drafts))
     return build_grammar_bitmask(rows)

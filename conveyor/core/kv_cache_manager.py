@@ -1,8 +1,9 @@
 """Per-request block tables over a ``BlockPool``, with prefix caching.
 
-Invariants after every step: a running request's table holds exactly
-``ceil((num_computed_tokens + num_scheduled) / block_size)`` blocks; a finished, aborted or
-preempted request holds none; every block's reference count equals the number of tables that
+Invariants after every step: a running request's table holds
+``ceil((num_computed_tokens + num_scheduled) / block_size)`` blocks (more after rejected
+speculative drafts rolled ``num_computed_tokens`` back: those stay allocated and are rewritten
+as it grows); a finished, aborted or preempted request holds none; every block's reference count equals the number of tables that
 contain it.
 
 Prefix caching: a full, computed block is named by a chained hash of (parent hash, its token

@@ -54,6 +54,13 @@ class SchedulerOutput:
     # Structured outputs: the allowed next tokens of the constrained requests that sample this
     # step (filled by EngineCore after schedule(); None when no such request samples).
     grammar: GrammarBitmask | None = None
+    # Speculative decoding: request id -> the draft tokens scheduled for it this step; they are
+    # the last len(drafts) of its num_scheduled_tokens (after its one uncomputed token), and the
+    # runner verifies them on the logits of all 1 + len(drafts) positions. Absent: no drafts.
+    scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # request id -> at most how many drafts the runner should propose for it after sampling this
+    # step (the core's adaptive decision); absent: propose none.
+    num_drafts_to_propose: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_padding_tokens(self) -> int:
@@ -66,7 +73,11 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Tokens sampled this step, one per request whose KV caught up with its tokens."""
+    """Tokens sampled this step, one row per token, for the requests whose KV caught up.
+
+    A request has one row, or, with speculative decoding, 1 + (accepted drafts) consecutive
+    rows: the accepted drafts in order, then the recovered (or bonus) token.
+    """
 
     request_ids: list[str]                                   # rows that sampled, in batch order
     sampled_token_ids: list[int]
@@ -76,6 +87,9 @@ class ModelRunnerOutput:
     # seed the generator refused, a row the sampler raised on. They got no token; the core
     # finishes them with "error" and never caches their blocks. Everyone else is unaffected.
     failed: dict[str, str] = field(default_factory=dict)
+    # Speculative decoding: request id -> draft tokens proposed for its next step (only for
+    # requests listed in SchedulerOutput.num_drafts_to_propose that sampled and found drafts).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -150,12 +164,13 @@ class StepStats:
     def of_step(cls, out: "SchedulerOutput", requests: dict, num_running: int, num_waiting: int,
                 max_num_seqs: int, num_admitted: int, num_preempted: int, kv_usage: float,
                 slot_of: dict[str, int]) -> "StepStats":
-        """The stats of a step just scheduled; a 1-token step of a request past its prompt that
-        already has output is a decode, every other scheduled token is prefill."""
-        def is_decode(rid: str) -> bool:
+        """The stats of a step just scheduled; a 1-token step (plus its drafts) of a request past
+        its prompt that already has output is a decode, every other scheduled token is prefill."""
+        def is_decode(rid: str, n: int) -> bool:
             req = requests[rid]
-            return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
-        decode = sum(1 for rid, n in out.num_scheduled_tokens.items() if n == 1 and is_decode(rid))
+            return n == 1 + len(out.scheduled_spec_tokens.get(rid, ())) and \
+                req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
+        decode = sum(n for rid, n in out.num_scheduled_tokens.items() if is_decode(rid, n))
         return cls(max_num_seqs=max_num_seqs, num_running=num_running, num_waiting=num_waiting,
                    num_scheduled_tokens=out.total_num_scheduled_tokens,
                    num_prefill_tokens=out.total_num_scheduled_tokens - decode,

@@ -79,6 +79,9 @@ class Request:
     first_token_time: float = 0.0
     finished_time: float = 0.0
     structured: StructuredRequest | None = None
+    # Speculative decoding: draft tokens proposed for the next step (never output tokens; their
+    # KV is computed only when scheduled; dropped on preemption and replaced every step).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

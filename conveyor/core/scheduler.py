@@ -32,6 +32,7 @@ from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequ
 from conveyor.core.prefill_budget import PrefillPolicy, StepPlan
 from conveyor.core.request import Request, RequestStatus, check_stop
 from conveyor.core.scheduler_state import SchedulerState
+from conveyor.core.speculation import accept_drafts
 from conveyor.core.slot_reclaim import admission_victim
 
 
@@ -68,7 +69,7 @@ class Scheduler(SchedulerState):
             if n == 0:
                 i += 1
                 continue
-            blocks = self.kv.allocate_slots(req, n)
+            n, blocks = self._allocate_running(req, n, budget)
             while blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -79,11 +80,28 @@ class Scheduler(SchedulerState):
             if blocks is None:
                 break
             plan.charge(req, n)
+            self._note_drafts(req, n)
             num_scheduled[req.request_id] = n
             new_blocks[req.request_id] = blocks
             budget -= n
             i += 1
         return budget
+
+    def _allocate_running(self, req: Request, n: int, budget: int) -> tuple[int, list[int] | None]:
+        """(tokens, new blocks) for a running request granted ``n`` tokens: for a decode, also the
+        drafts it carries as far as budget and pool allow (drafts never cause a preemption);
+        blocks None when even its own tokens do not fit."""
+        remaining = req.num_tokens - req.num_computed_tokens
+        want = min(n + len(req.spec_token_ids), budget) if n == remaining == 1 else n
+        blocks = self.kv.allocate_slots(req, want)
+        if blocks is None and want > n:
+            want, blocks = n, self.kv.allocate_slots(req, n)
+        return want, blocks
+
+    def _note_drafts(self, req: Request, n: int) -> None:
+        num_drafts = n - (req.num_tokens - req.num_computed_tokens)
+        if num_drafts > 0:
+            self._spec_scheduled[req.request_id] = req.spec_token_ids[:num_drafts]
 
     def _schedule_waiting(self, budget, num_scheduled, new_blocks, preempted,
                           plan: StepPlan) -> list[Request]:
@@ -170,6 +188,8 @@ class Scheduler(SchedulerState):
         self._take_slot(req)
 
     def _preempt(self, req: Request) -> None:
+        req.spec_token_ids = []                          # drafts are dropped, never resumed
+        self._spec_scheduled.pop(req.request_id, None)
         table = self.kv.block_table(req.request_id)
         # Swapped blocks keep exactly the computed tokens' KV (never a partly scheduled chunk).
         num_full = self.kv.num_blocks_for(req.num_computed_tokens)
@@ -205,8 +225,10 @@ class Scheduler(SchedulerState):
         total = sum(num_scheduled.values())
         out = SchedulerOutput(new_reqs, cached, num_scheduled, total, self._finished_ids,
                               {r.request_id for r in preempted}, padding_seq_lens or [],
-                              self._swap_out, self._swap_in)
+                              self._swap_out, self._swap_in, None, self._spec_scheduled)
+        out.num_drafts_to_propose = self._plan_drafts(out)
         self._finished_ids, self._swap_out, self._swap_in = set(), [], []
+        self._spec_scheduled = {}
         if self.swap is not None:
             self.swap.end_step()
         self._record_stats(out, admitted, len(preempted))
@@ -226,40 +248,74 @@ class Scheduler(SchedulerState):
     # ------------------------------------------------------------------ update
     def update_from_output(self, sched: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advance computed tokens, append sampled tokens, finish and free stopped requests."""
+        """Advance computed tokens, append sampled tokens (accepted drafts first), take the next
+        drafts, finish and free stopped requests."""
         now = self.clock()
         for rid, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if req is not None:
-                req.num_computed_tokens += n
+                # scheduled drafts count once accepted (in _append_tokens): rejected ones roll back
+                req.num_computed_tokens += n - len(sched.scheduled_spec_tokens.get(rid, ()))
+                req.spec_token_ids = []
                 self.kv.cache_computed_blocks(req)
                 self.waiting.charge(req.tenant, n)
         outputs = []
-        for row, rid in enumerate(runner_out.request_ids):
+        for rid, rows in _rows_by_request(runner_out.request_ids):
             req = self.requests.get(rid)
             if req is None or req.is_finished:
-                continue    # finished while this step ran (abort); its token is dropped
-            outputs.append(self._append_token(req, row, runner_out, now))
+                continue    # finished while this step ran (abort); its tokens are dropped
+            drafts = sched.scheduled_spec_tokens.get(rid)
+            if drafts:
+                self._record_acceptance(rid, len(drafts), len(rows) - 1)
+            outputs.append(self._append_tokens(req, rows, runner_out, now))
+            if not req.is_finished and rid in runner_out.draft_token_ids:
+                req.spec_token_ids = accept_drafts(req, runner_out.draft_token_ids[rid],
+                                                   self.max_model_len)
         return outputs
 
-    def _append_token(self, req: Request, row: int, ro: ModelRunnerOutput,
-                      now: float) -> EngineCoreOutput:
-        token = ro.sampled_token_ids[row]
-        req.append_output_token(token)
+    def _append_tokens(self, req: Request, rows: list[int], ro: ModelRunnerOutput,
+                       now: float) -> EngineCoreOutput:
+        out = EngineCoreOutput(req.request_id, [],
+                               None if ro.logprobs is None else [],
+                               None if ro.top_logprobs is None else [])
+        for j, row in enumerate(rows):
+            if j:   # the previous token was an accepted draft: its KV is computed
+                req.num_computed_tokens += 1
+                self.kv.cache_computed_blocks(req)
+            token = ro.sampled_token_ids[row]
+            req.append_output_token(token)
+            out.new_token_ids.append(token)
+            if ro.logprobs is not None:
+                out.new_logprobs.append(ro.logprobs[row])
+            if ro.top_logprobs is not None:
+                out.new_top_logprobs.append(ro.top_logprobs[row])
+            if self._stop(req, out, now):
+                break
         if not req.first_token_time:
             req.first_token_time = now
-        out = EngineCoreOutput(
-            req.request_id, [token],
-            None if ro.logprobs is None else [ro.logprobs[row]],
-            None if ro.top_logprobs is None else [ro.top_logprobs[row]])
-        stop = check_stop(req, self.max_model_len)
-        if stop is not None:
-            reason, stop_reason = stop
-            self.running.remove(req)
-            req.finish(reason, now, stop_reason)
-            self._free(req)
-            out.finish_reason, out.stop_reason = reason.value, stop_reason
         return out
+
+    def _stop(self, req: Request, out: EngineCoreOutput, now: float) -> bool:
+        stop = check_stop(req, self.max_model_len)
+        if stop is None:
+            return False
+        reason, stop_reason = stop
+        self.running.remove(req)
+        req.finish(reason, now, stop_reason)
+        self._free(req)
+        out.finish_reason, out.stop_reason = reason.value, stop_reason
+        return True
+
+
+def _rows_by_request(request_ids: list[str]) -> list[tuple[str, list[int]]]:
+    """Consecutive rows of the same request, grouped: [(request id, its row indices)]."""
+    groups: list[tuple[str, list[int]]] = []
+    for row, rid in enumerate(request_ids):
+        if groups and groups[-1][0] == rid:
+            groups[-1][1].append(row)
+        else:
+            groups.append((rid, [row]))
+    return groups
 
 
 def _priority_key(req: Request) -> tuple[int, float]:

@@ -18,6 +18,8 @@ from conveyor.core.kv_cache_manager import KVCacheManager
 from conveyor.core.outputs import SchedulerOutput, StepStats
 from conveyor.core.request import FinishReason, Request, RequestStatus
 from conveyor.core.request_queue import RequestQueue
+from conveyor.core.spec_policy import SpecPolicy
+from conveyor.core.speculation import SpecDecodeStats, max_drafts
 from conveyor.core.swap import SwapManager
 from conveyor.errors import InvalidRequestError
 
@@ -45,6 +47,9 @@ class SchedulerState:
         self.last_stats = StepStats()
         self.slot_of: dict[str, int] = {}        # batch slot held by each admitted request
         self._free_slots = list(range(config.max_num_seqs))
+        self.spec: SpecPolicy | None = None      # speculative decoding on (set by EngineCore)
+        self.spec_stats = SpecDecodeStats()
+        self._spec_scheduled: dict[str, list[int]] = {}   # drafts scheduled in this step
 
     def token_budget(self) -> int:
         """Tokens one step may compute under this policy."""
@@ -107,6 +112,8 @@ class SchedulerState:
     def _forget(self, req: Request) -> None:
         """Gone for good, in any state: the queue and the runner forget it too."""
         self.kv.forget(req)
+        if self.spec is not None:
+            self.spec.forget(req.request_id)
         self.waiting.finish(req)
         self.requests.pop(req.request_id, None)
         self._runner_known.discard(req.request_id)
@@ -122,6 +129,25 @@ class SchedulerState:
         out = SchedulerOutput([], [], {}, 0, self._finished_ids, set())
         self._finished_ids = set()
         return out
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _plan_drafts(self, out: SchedulerOutput) -> dict[str, int]:
+        """Drafts the runner should propose after this step, per request that samples in it."""
+        if self.spec is None:
+            return {}
+        limits, num_drafts = {}, 0
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.requests[rid]
+            k = len(out.scheduled_spec_tokens.get(rid, ()))
+            num_drafts += k
+            if req.num_computed_tokens + n - k == req.num_tokens:
+                limits[rid] = max_drafts(req, self.max_model_len) - 1   # after this step's token
+        return self.spec.plan(limits, out.total_num_scheduled_tokens - num_drafts)
+
+    def _record_acceptance(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        self.spec_stats.record(num_drafts, num_accepted)
+        if self.spec is not None:
+            self.spec.record(request_id, num_drafts, num_accepted)
 
     # ------------------------------------------------------------------ checks
     def check_step_invariants(self, out: SchedulerOutput) -> None:

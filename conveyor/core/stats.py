@@ -32,6 +32,9 @@ class EngineStats:
     num_steps: int = 0                   # steps that ran the model
     last_step_num_scheduled_tokens: int = 0   # tokens the latest schedule() computed (0: none)
     step_cost: StepCostSnapshot | None = None  # the step-cost model and prefill budget
+    # speculative decoding (None when off): (num_drafts, num_draft_tokens, num_accepted_tokens,
+    # accepted tokens per draft position), cumulative
+    spec_decode: tuple[int, int, int, tuple[int, ...]] | None = None
 
     @property
     def preemptions(self) -> dict[str, int]:
@@ -47,10 +50,19 @@ def collect_stats(scheduler, kv_manager, num_steps: int) -> EngineStats:
                        pool.num_cached_free_blocks, kv_manager.num_prefix_queries,
                        kv_manager.num_prefix_hits,
                        tuple(sorted(scheduler.num_preemptions_by_mode.items())), num_steps,
-                       scheduler.last_stats.num_scheduled_tokens, _step_cost(scheduler))
+                       scheduler.last_stats.num_scheduled_tokens, _step_cost(scheduler),
+                       _spec_counts(scheduler))
 
 
 def _step_cost(scheduler) -> StepCostSnapshot | None:
     """The continuous scheduler's cost model and budget (the batch baselines have none)."""
     prefill = getattr(scheduler, "prefill", None)
     return prefill.snapshot() if prefill is not None else None
+
+
+def _spec_counts(scheduler) -> tuple[int, int, int, tuple[int, ...]] | None:
+    if getattr(scheduler, "spec", None) is None:
+        return None
+    st = scheduler.spec_stats
+    return (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens,
+            tuple(st.accepted_per_position))

@@ -65,13 +65,29 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                         arch.max_position_embeddings, num_blocks * bs)
     kv = allocate_kv_caches(model, num_blocks, bs, dtype, device)
     swap, host_kv = _swap_manager(config, model, dtype)
-    runner = ModelRunner(model, kv, bs, eos_token_ids, device, mc.seed, host_kv)
+    proposer = _proposer(config, model, dtype, device, attention_backend, num_blocks)
+    runner = ModelRunner(model, kv, bs, eos_token_ids, device, mc.seed, host_kv, proposer)
     logger.info("model %s (%s) on %s, dtype %s%s, attention %s; %s", model_path,
                 arch.architecture, device, dtype,
                 f", {mc.quantization} GEMMs" if mc.quantization else "", attention_backend,
                 platform.describe(device))
     return EngineParts(model_path, device, dtype, attention_backend, tokenizer, model,
                        eos_token_ids, num_blocks, max_model_len, runner, swap)
+
+
+def _proposer(config: EngineConfig, model, dtype: torch.dtype, device: torch.device,
+              attention_backend: str, num_blocks: int):
+    """Speculative decoding's draft proposer, or None when it is off."""
+    spec = config.speculative
+    if spec is None:
+        return None
+    from conveyor.spec_decode import build_proposer
+
+    def draft_model():
+        from conveyor.spec_decode.draft_model import DraftModelProposer
+        return DraftModelProposer.load(spec.model, model.config.vocab_size, dtype, device,
+                                       attention_backend, num_blocks, config.cache.block_size)
+    return build_proposer(spec, draft_model)
 
 
 def num_kv_blocks(config: EngineConfig, arch, dtype: torch.dtype, device: torch.device) -> int:

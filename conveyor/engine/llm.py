@@ -21,7 +21,8 @@ class LLM:
 
     Keyword arguments are the engine's config fields (``conveyor.config``: dtype, device,
     attention_backend, max_model_len, block_size, num_blocks, kv_cache_bytes,
-    max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed, ...), vLLM's names.
+    max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed, ...), vLLM's names; ``speculative_config``: JSON text, a dict
+    or a ``SpeculativeConfig``.
     """
 
     def __init__(self, model: str | None = None, **kwargs):

@@ -48,7 +48,8 @@ class LLMEngine:
                                kv_allocation=cc.kv_allocation, record_steps=sc.record_steps,
                                enable_prefix_caching=cc.enable_prefix_caching
                                and sc.batching == "continuous", swap=parts.swap,
-                               isolate_tenants=cc.prefix_cache_scope == "tenant")
+                               isolate_tenants=cc.prefix_cache_scope == "tenant",
+                               speculative=config.speculative)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self.structured = StructuredOutputManager(self.tokenizer.hf, self.model.config.vocab_size,
                                                   self.eos_token_ids)

@@ -48,6 +48,7 @@ class Snapshot(Protocol):
     prefix_cache_queries: int
     prefix_cache_hits: int
     preemptions_by_mode: tuple[tuple[str, int], ...]
+    spec_decode: tuple[int, int, int, tuple[int, ...]] | None
 
 
 class Watchdog(Protocol):
@@ -113,6 +114,24 @@ class _SnapshotCollector(Collector):
         yield CounterMetricFamily(PREFIX + "prefix_cache_hits",
                                   "Prompt tokens found in the prefix cache.",
                                   value=snap.prefix_cache_hits)
+        if snap.spec_decode is not None:
+            yield from _spec_decode_families(*snap.spec_decode)
+
+
+def _spec_decode_families(num_drafts: int, num_draft_tokens: int, num_accepted: int,
+                          per_position: tuple[int, ...]):
+    """vLLM's speculative-decoding counters (only while speculative decoding is on)."""
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_drafts", "Drafts verified.",
+                              value=num_drafts)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens verified.",
+                              value=num_draft_tokens)
+    yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens",
+                              "Draft tokens accepted.", value=num_accepted)
+    per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by draft position.", labels=["position"])
+    for position, count in enumerate(per_position):
+        per_pos.add_metric([str(position)], count)
+    yield per_pos
 
 
 class ServingMetrics:

@@ -42,9 +42,11 @@ class FlatBatch:
     input_ids: torch.Tensor           # [T]
     positions: torch.Tensor           # [T]
     attn: AttentionMetadata
-    logits_indices: torch.Tensor      # [N + P] last token of each sampling request, then of each
+    logits_indices: torch.Tensor      # [N + D + P] last token of each sampling request (and before
+                                      # it one row per draft it verifies: D in all), then of each
                                       # length-1 padding sequence (computed, then discarded)
     sample_request_ids: list[str]     # [N]
+    pad_logits: list[int]             # [P] flat positions of the padding rows
 
 
 def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestState], block_size: int,
@@ -73,7 +75,8 @@ def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestStat
         tables.append(st.block_ids)
         if nc + n == len(st.token_ids):
             sample_ids.append(rid)
-            logits_idx.append(starts[-1] - 1)
+            k = len(sched.scheduled_spec_tokens.get(rid, ()))   # drafts: one row per position
+            logits_idx.extend(range(starts[-1] - 1 - k, starts[-1]))
     q_lens_np = np.asarray(q_lens, dtype=np.int64)
     seq_np = np.asarray(seq_lens, dtype=np.int64)
     # position of every flat token: its request's first new position + its offset in the chunk
@@ -96,4 +99,4 @@ def build_flat_batch(sched: SchedulerOutput, states: dict[str, CachedRequestStat
         seq_lens_cpu=seq_lens, max_query_len=max(q_lens, default=0),
         max_seq_len=max(seq_lens, default=0))
     return FlatBatch(to(flat_ids), to(positions), attn,
-                     to(np.asarray(logits_idx, dtype=np.int64)), sample_ids)
+                     to(np.asarray(logits_idx, dtype=np.int64)), sample_ids, pad_logits)

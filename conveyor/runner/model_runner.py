@@ -15,8 +15,9 @@ from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.models.llama import LlamaForCausalLM
 from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
 from conveyor.runner.row_sampling import sample_isolated
+from conveyor.runner.spec_step import grammar_mask, propose_drafts, stage_drafts, verify_step
+from conveyor.spec_decode.ngram import Proposer
 from conveyor.sampling import Sampler, SamplingMetadata, is_plain_greedy
-from conveyor.sampling.constraints import GrammarMask
 from conveyor.structured.request_state import GrammarBitmask
 
 
@@ -35,8 +36,11 @@ class ModelRunner:
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  eos_token_ids: frozenset[int], device: torch.device, seed: int = 0,
-                 host_kv_caches: list[torch.Tensor] | None = None):
+                 host_kv_caches: list[torch.Tensor] | None = None,
+                 proposer: Proposer | None = None):
+        """proposer: speculative decoding's draft proposer (None: off)."""
         self.model = model
+        self.proposer = proposer
         self.kv_caches = kv_caches
         self.host_kv_caches = host_kv_caches     # swap space, same layout, on the host
         self.block_size = block_size
@@ -54,8 +58,12 @@ class ModelRunner:
         for rid in sched.finished_request_ids:
             self.states.pop(rid, None)
             self.generators.pop(rid, None)
+            if self.proposer is not None:
+                self.proposer.drop(rid, finished=True)
         for rid in sched.preempted_request_ids:
             self.states.pop(rid, None)        # generator kept: the request comes back
+            if self.proposer is not None:
+                self.proposer.drop(rid, finished=False)
         for new in sched.new_requests:
             self.states[new.request_id] = CachedRequestState(
                 new.request_id, new.prompt_token_ids + new.output_token_ids,
@@ -94,6 +102,7 @@ class ModelRunner:
         self._update_states(sched, failed)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput([], [], failed=failed)
+        stage_drafts(sched, self.states)
         batch = build_flat_batch(sched, self.states, self.block_size, self.device,
                                  self.scratch_block)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, H]
@@ -101,11 +110,17 @@ class ModelRunner:
             self.states[rid].num_computed_tokens += n
         if batch.logits_indices.numel() == 0:
             return ModelRunnerOutput([], [], failed=failed)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])              # [N + P, V]
+        logits = self.model.compute_logits(hidden[batch.logits_indices])       # [N + D + P, V]
         if not batch.sample_request_ids:
             return ModelRunnerOutput([], [], failed=failed)
-        return self._sample(logits[:len(batch.sample_request_ids)], batch.sample_request_ids,
-                            sched.grammar, failed)
+        num_rows = batch.logits_indices.numel() - len(batch.pad_logits)
+        if sched.scheduled_spec_tokens:
+            out = verify_step(self, logits[:num_rows], batch.sample_request_ids, sched, failed)
+        else:
+            out = self._sample(logits[:num_rows], batch.sample_request_ids, sched.grammar, failed)
+        if self.proposer is not None:
+            propose_drafts(self.proposer, sched, self.states, out)
+        return out
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str],
                 grammar: GrammarBitmask | None, failed: dict[str, str]) -> ModelRunnerOutput:
@@ -126,7 +141,7 @@ class ModelRunner:
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], [self.generators.get(rid) for rid in request_ids],
             self.eos_token_ids, self.vocab_size, logits.device,
-            _grammar_mask(grammar, request_ids, logits.device))
+            grammar_mask(grammar, request_ids, logits.device))
         out = self.sampler(logits, md)
         return out.sampled_token_ids, out.logprobs, out.top_logprobs
 
@@ -135,17 +150,3 @@ def _plain_greedy(st: CachedRequestState) -> bool:
     return is_plain_greedy(st.sampling_params, len(st.token_ids) - st.num_prompt_tokens)
 
 
-def _grammar_mask(grammar: GrammarBitmask | None, request_ids: list[str],
-                  device: torch.device) -> GrammarMask | None:
-    """The core's bitmask rows placed at their requests' sampling rows (of those sampled here:
-    a failed row is not)."""
-    if grammar is None:
-        return None
-    row_of = {rid: i for i, rid in enumerate(request_ids)}
-    present = [j for j, rid in enumerate(grammar.request_ids) if rid in row_of]
-    if not present:
-        return None
-    bitmask = grammar.bitmask if len(present) == len(grammar.request_ids) else \
-        grammar.bitmask[present]
-    return GrammarMask.from_rows([row_of[grammar.request_ids[j]] for j in present], bitmask,
-                                 device)

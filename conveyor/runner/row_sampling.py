@@ -52,7 +52,7 @@ def sample_isolated(logits: torch.Tensor, request_ids: list[str], sample_batch: 
     if not request_ids:
         return ModelRunnerOutput([], [], failed=failed)
     rows = _sample_or_split(logits, request_ids, sample_batch, failed)
-    return _merge(rows, failed)
+    return merge_rows(rows, failed)
 
 
 def _sample_or_split(logits: torch.Tensor, request_ids: list[str], sample_batch: SampleBatch,
@@ -71,7 +71,7 @@ def _sample_or_split(logits: torch.Tensor, request_ids: list[str], sample_batch:
              None if top is None else top[i]) for i, rid in enumerate(request_ids)]
 
 
-def _merge(rows, failed: dict[str, str]) -> ModelRunnerOutput:
+def merge_rows(rows, failed: dict[str, str]) -> ModelRunnerOutput:
     """One output from per-row results; rows that asked for no logprobs get placeholders when
     others did (nobody reads them: only requests that asked look at their logprobs)."""
     any_logprobs = any(r[2] is not None for r in rows)

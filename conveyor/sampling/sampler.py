@@ -138,11 +138,11 @@ class Sampler:
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
-        if md.all_greedy and _untouched_by_processing(md):
+        if md.all_greedy and untouched_by_processing(md):
             sampled = logits.argmax(dim=-1)  # [n]: nothing to apply, no copy needed
         else:
             sampled = self._sample(processed_logits(logits, md), md)  # [n] int64
-        logprobs, top = _gather_logprobs(raw_logprobs, sampled, md)
+        logprobs, top = gather_logprobs(raw_logprobs, sampled, md)
         return SamplerOutput(sampled.tolist(), logprobs, top)
 
     def _sample(self, work: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -177,7 +177,7 @@ class Sampler:
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
 
-def _untouched_by_processing(md: SamplingMetadata) -> bool:
+def untouched_by_processing(md: SamplingMetadata) -> bool:
     """No grammar, banned ids, bias or penalty this step: ``processed_logits`` would return a
     plain copy."""
     return (md.repetition_penalty is None and md.frequency_penalty is None
@@ -185,7 +185,7 @@ def _untouched_by_processing(md: SamplingMetadata) -> bool:
             and md.grammar is None and md.logit_bias is None)
 
 
-def _gather_logprobs(raw: torch.Tensor | None, sampled: torch.Tensor, md: SamplingMetadata
+def gather_logprobs(raw: torch.Tensor | None, sampled: torch.Tensor, md: SamplingMetadata
                      ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
     """Sampled-token logprob per row and each row's top-N, from raw log-softmax ``[n, vocab]``."""
     if raw is None or md.max_num_logprobs is None:

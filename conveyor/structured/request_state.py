@@ -84,7 +84,8 @@ class StructuredRequest:
 class GrammarBitmask:
     """The allowed next tokens of the constrained requests that sample this step.
 
-    request_ids[i]'s mask is ``bitmask[i]`` (``[len(request_ids), ceil(vocab / 32)]`` int32).
+    request_ids[i]'s mask is ``bitmask[i]`` (``[len(request_ids), ceil(vocab / 32)]`` int32); a
+    request verifying drafts appears once per position, in order.
     Rows of other requests are not in it: they are not masked at all.
     """
 
@@ -92,11 +93,24 @@ class GrammarBitmask:
     bitmask: np.ndarray
 
 
-def build_grammar_bitmask(rows: list[tuple[str, StructuredRequest]]) -> GrammarBitmask | None:
-    """The bitmask for ``rows`` (request id, its READY constraint), or None when there are none."""
+def build_grammar_bitmask(rows: list[tuple[str, StructuredRequest, list[int]]]
+                          ) -> GrammarBitmask | None:
+    """The bitmask for ``rows`` (request id, its READY constraint, its draft tokens this step),
+    or None when there are none. A request with drafts gets ``1 + len(drafts)`` consecutive rows:
+    the mask after its output so far, then after each draft (the matcher is advanced through the
+    drafts, which it allows, and rolled back: it still has consumed exactly the output)."""
     if not rows:
         return None
-    bitmask = allocate_bitmask(len(rows), rows[0][1].vocab_size)  # [k, words]
-    for i, (_, sr) in enumerate(rows):
+    total = sum(1 + len(drafts) for _, _, drafts in rows)
+    bitmask = allocate_bitmask(total, rows[0][1].vocab_size)  # [total, words]
+    ids, i = [], 0
+    for rid, sr, drafts in rows:
         sr.matcher.fill_bitmask(bitmask, i)
-    return GrammarBitmask([rid for rid, _ in rows], bitmask)
+        for token in drafts:
+            sr.matcher.accept(token)
+            i += 1
+            sr.matcher.fill_bitmask(bitmask, i)
+        sr.matcher.rollback(len(drafts))
+        ids += [rid] * (1 + len(drafts))
+        i += 1
+    return GrammarBitmask(ids, bitmask)

@@ -1,0 +1,128 @@
+"""The runner's part of a speculative step: stage drafts, verify them, propose the next ones.
+
+Scheduled drafts are appended to the request's runner tokens before the batch is built (so they
+are ordinary input tokens whose KV is written), verified on their ``1 + k`` logits rows, then
+replaced by the tokens actually output: afterwards a request's runner tokens are exactly its
+committed tokens again and ``num_computed_tokens`` is all of them but the last. Failure isolation
+is per request, as for normal sampling (``row_sampling``): a non-finite row or a verification
+that raises fails that request alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
+from conveyor.runner.input_batch import CachedRequestState
+from conveyor.runner.row_sampling import NON_FINITE_LOGITS, finite_rows, merge_rows
+from conveyor.sampling import SamplingMetadata
+from conveyor.sampling.constraints import GrammarMask
+from conveyor.structured.request_state import GrammarBitmask
+from conveyor.spec_decode.ngram import Proposer
+from conveyor.spec_decode.verifier import verify
+
+
+def stage_drafts(sched: SchedulerOutput, states: dict[str, CachedRequestState]) -> None:
+    for rid, drafts in sched.scheduled_spec_tokens.items():
+        states[rid].token_ids.extend(drafts)
+
+
+def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: SchedulerOutput,
+                failed: dict[str, str]) -> ModelRunnerOutput:
+    """Rows for every sampling request of a step with drafts (``logits``: all their rows)."""
+    drafts = [sched.scheduled_spec_tokens.get(rid, []) for rid in request_ids]
+    ok, first = finite_rows(logits), 0
+    keep = []
+    for i, (rid, d) in enumerate(zip(request_ids, drafts)):
+        if not all(ok[first:first + len(d) + 1]):
+            failed.setdefault(rid, NON_FINITE_LOGITS)
+        if rid not in failed:
+            keep.append((i, list(range(first, first + len(d) + 1))))
+        first += len(d) + 1
+    rows = _verify_or_split(runner, logits, [request_ids[i] for i, _ in keep],
+                            [drafts[i] for i, _ in keep], [r for _, rs in keep for r in rs],
+                            sched, failed)
+    _commit(runner.states, request_ids, drafts, rows)
+    return merge_rows(rows, failed)
+
+
+def _verify_or_split(runner, logits, request_ids, drafts, row_idx, sched, failed):
+    if not request_ids:
+        return []
+    try:
+        sub = logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
+        md = _row_metadata(runner, request_ids, drafts, sched, logits.device)
+        return verify(sub, md, request_ids, drafts, runner.sampler.default_generator)
+    except Exception as exc:  # noqa: BLE001 - find the request(s) it belongs to; they alone fail
+        if len(request_ids) == 1:
+            failed[request_ids[0]] = f"sampling failed: {type(exc).__name__}: {exc}"
+            return []
+        rows, first = [], 0
+        for rid, d in zip(request_ids, drafts):
+            n = len(d) + 1
+            rows += _verify_or_split(runner, logits, [rid], [d], row_idx[first:first + n],
+                                     sched, failed)
+            first += n
+        return rows
+
+
+def _row_metadata(runner, request_ids, drafts, sched, device) -> SamplingMetadata:
+    """Sampling metadata with one row per verified position (output so far + drafts before)."""
+    params, prompts, outputs, gens, keys = [], [], [], [], []
+    for rid, d in zip(request_ids, drafts):
+        st = runner.states[rid]
+        committed = st.token_ids[st.num_prompt_tokens:len(st.token_ids) - len(d)]
+        for j in range(len(d) + 1):
+            params.append(st.sampling_params)
+            prompts.append(st.prompt_token_ids)
+            outputs.append(committed + d[:j])
+            gens.append(runner.generators.get(rid))
+            keys.append(rid)
+    return SamplingMetadata.build(params, prompts, outputs, gens, runner.eos_token_ids,
+                                  runner.vocab_size, device,
+                                  grammar_mask(sched.grammar, keys, device))
+
+
+def _commit(states, request_ids, drafts, rows) -> None:
+    """Runner tokens := committed tokens + what was output (drafts unstaged)."""
+    out: dict[str, list[int]] = {}
+    for rid, token, _, _ in rows:
+        out.setdefault(rid, []).append(token)
+    for rid, d in zip(request_ids, drafts):
+        st = states[rid]
+        if d:
+            del st.token_ids[len(st.token_ids) - len(d):]
+        st.token_ids += out.get(rid, [])
+        st.num_computed_tokens = len(st.token_ids) - 1
+
+
+def propose_drafts(proposer: Proposer, sched: SchedulerOutput,
+                   states: dict[str, CachedRequestState], out: ModelRunnerOutput) -> None:
+    """Fill ``out.draft_token_ids`` for the requests the core asked for that sampled."""
+    sampled = set(out.request_ids)
+    wanted = {rid: (states[rid].token_ids, k) for rid, k in sched.num_drafts_to_propose.items()
+              if rid in sampled and k > 0}
+    if wanted:
+        out.draft_token_ids = proposer.propose(wanted)
+
+
+def grammar_mask(grammar: GrammarBitmask | None, row_keys: list[str],
+                 device: torch.device) -> GrammarMask | None:
+    """The core's bitmask rows placed at their sampling rows: ``row_keys[i]`` is row i's request
+    (a request verifying drafts has several consecutive rows, matched in order to its bitmask
+    rows); bitmask rows of requests not sampled here (a failed row) are left out."""
+    if grammar is None:
+        return None
+    free: dict[str, list[int]] = {}
+    for i, rid in enumerate(reversed(row_keys)):
+        free.setdefault(rid, []).append(len(row_keys) - 1 - i)
+    rows, present = [], []
+    for j, rid in enumerate(grammar.request_ids):
+        if free.get(rid):
+            rows.append(free[rid].pop())
+            present.append(j)
+    if not present:
+        return None
+    bitmask = grammar.bitmask if len(present) == len(grammar.request_ids) else \
+        grammar.bitmask[present]
+    return GrammarMask.from_rows(rows, bitmask, device)

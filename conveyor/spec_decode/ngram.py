@@ -1,0 +1,57 @@
+"""N-gram (prompt lookup) drafts: continue the latest earlier occurrence of the request's last
+n tokens (n from ``prompt_lookup_max`` down to ``prompt_lookup_min``) in its own prompt + output.
+
+Stateless and cheap: one vectorised scan of the history per proposal. Drafts are a
+deterministic function of the committed tokens (their draft probability is 1).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Proposer(Protocol):
+    """Proposes draft tokens after a step for some of the runner's requests."""
+
+    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+        """request id -> (committed token ids, most drafts) in; request id -> drafts out
+        (requests without a proposal are absent)."""
+        ...
+
+    def drop(self, request_id: str, finished: bool) -> None:
+        """Forget a request (``finished``: for good; else preempted, it may come back)."""
+        ...
+
+
+def ngram_continuation(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
+    """The ``k`` tokens after the latest earlier occurrence of the longest suffix of ``tokens``
+    (length n_max down to n_min) that occurs before; [] when none does."""
+    length = len(tokens)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        suffix = tokens[length - n:]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)  # [L-n, n]
+        starts = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(starts):
+            start = int(starts[-1]) + n
+            return tokens[start:start + k].tolist()
+    return []
+
+
+class NgramProposer:
+    """Prompt-lookup drafts over each request's own tokens."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+
+    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+        drafts = {}
+        for rid, (tokens, k) in requests.items():
+            d = ngram_continuation(np.asarray(tokens, dtype=np.int64), self.n_min, self.n_max, k)
+            if d:
+                drafts[rid] = d
+        return drafts
+
+    def drop(self, request_id: str, finished: bool) -> None:
+        pass

@@ -1,0 +1,122 @@
+"""Speculative decoding's parts alone: n-gram and suffix proposers, the adaptive policy and its
+step-cost fit, draft limits, the config, and the verifier's distribution (chi-square)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conveyor.config import SpeculativeConfig
+from conveyor.core.request import Request
+from conveyor.core.spec_policy import MeasuredStepCost, SpecPolicy
+from conveyor.core.speculation import SpecDecodeStats, accept_drafts
+from conveyor.errors import ConfigError
+from conveyor.sampling import SamplingMetadata
+from conveyor.sampling_params import SamplingParams
+from conveyor.spec_decode.ngram import ngram_continuation
+from conveyor.spec_decode.suffix import SuffixProposer
+from conveyor.spec_decode.verifier import verify
+
+
+def test_ngram_continues_the_latest_longest_match():
+    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    assert ngram_continuation(tokens, 1, 3, 2) == [7, 8]      # "2 3" last seen before "7 8"
+    assert ngram_continuation(np.array([4, 5, 6]), 1, 3, 2) == []
+    assert ngram_continuation(np.array([1, 2, 1, 2]), 2, 2, 5) == [1, 2]   # never past the end
+
+
+def test_suffix_proposer_follows_own_history_then_finished_requests():
+    p = SuffixProposer(1, 3, max_requests=1)
+    assert p.propose({"a": ([1, 2, 3, 4, 1, 2], 3)}) == {"a": [3, 4, 1]}
+    p.drop("a", finished=True)
+    assert p.propose({"b": ([9, 3, 4], 2)}) == {"b": [1, 2]}           # from a's tokens
+    p.drop("b", finished=True)                                          # evicts a
+    assert p.propose({"c": ([7, 1, 2], 2)}) == {}
+
+
+def test_policy_skips_large_batches_and_low_acceptance():
+    cost = MeasuredStepCost()
+    for n in range(1, 40):
+        cost.observe(n, 0.030 + 0.001 * n)          # 30 ms fixed, 1 ms per token
+    fixed, per_token = cost.linear_cost()
+    assert fixed == pytest.approx(0.030) and per_token == pytest.approx(0.001)
+    policy = SpecPolicy(4, cost)
+    assert policy.plan({"solo": 4}, 1) == {"solo": 4}
+    assert policy.plan({f"r{i}": 4 for i in range(200)}, 200) == {}
+    for _ in range(20):
+        policy.record("bad", 4, 0)
+        policy.record("good", 4, 4)
+    assert policy.plan({"bad": 4, "good": 4}, 2) == {"good": 4}
+    assert SpecPolicy(4, None).plan({"x": 2, "y": 0}, 200) == {"x": 2}
+
+
+def test_measured_cost_needs_data():
+    cost = MeasuredStepCost()
+    for _ in range(10):
+        cost.observe(5, 0.01)
+    assert cost.linear_cost() is None              # one token count: no slope to fit
+
+
+def test_drafts_never_pass_max_tokens():
+    req = Request("r", [1, 2, 3], SamplingParams(), max_tokens=5, output_token_ids=[4, 5])
+    assert accept_drafts(req, [6, 7, 8, 9], max_model_len=100) == [6, 7]
+    assert accept_drafts(req, [6, 7, 8, 9], max_model_len=7) == [6]
+
+
+def test_stats_counts_per_position():
+    s = SpecDecodeStats()
+    s.record(3, 2)
+    s.record(2, 0)
+    assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (2, 5, 2)
+    assert s.accepted_per_position == [1, 1, 0]
+    assert s.mean_accepted_length == 2.0
+
+
+def test_config_from_json():
+    c = SpeculativeConfig.from_json('{"method":"ngram","num_speculative_tokens":5,'
+                                    '"prompt_lookup_max":3,"prompt_lookup_min":2}')
+    assert (c.num_speculative_tokens, c.prompt_lookup_max) == (5, 3)
+    for bad in ('{"method":"medusa"}', '{"nope":1}', "not json", '{"method":"draft_model"}',
+                '{"num_speculative_tokens":0}'):
+        with pytest.raises(ConfigError):
+            SpeculativeConfig.from_json(bad)
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_verified_tokens_follow_the_target_distribution():
+    """Position 0 (draft 3 accepted or a recovered token) and position 1 given acceptance
+    (bonus after draft 3) must follow the target rows; a verifier that always accepted, or
+    recovered from p unrestricted, fails this (chi-square, 7 dof, 99.9%: 24.3)."""
+    torch.manual_seed(0)
+    vocab, n = 8, 6000
+    row0 = torch.tensor([2.0, 0.5, 0.1, 1.5, -1.0, 0.0, 0.3, 1.0])
+    row1 = torch.tensor([0.0, 1.0, -0.5, 0.2, 2.0, 0.1, -1.0, 0.7])
+    logits = torch.stack([row0, row1] * n)                     # [2n, vocab]: one draft each
+    params = [SamplingParams(temperature=1.0)] * (2 * n)
+    md = SamplingMetadata.build(params, [[0]] * (2 * n), [[]] * (2 * n), [None] * (2 * n),
+                                frozenset(), vocab, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    rows = verify(logits, md, [f"r{i}" for i in range(n)], [[3]] * n, gen)
+    by_req: dict[str, list[int]] = {}
+    for rid, token, _, _ in rows:
+        by_req.setdefault(rid, []).append(token)
+    first = np.bincount([t[0] for t in by_req.values()], minlength=vocab)
+    second = np.bincount([t[1] for t in by_req.values() if len(t) == 2], minlength=vocab)
+    assert _chi_square(first, row0.softmax(-1).numpy()) < 24.3
+    assert _chi_square(second, row1.softmax(-1).numpy()) < 24.3
+    assert all(len(t) == 2 for t in by_req.values() if t[0] == 3)   # accepted -> bonus token
+    assert all(len(t) == 1 for t in by_req.values() if t[0] != 3)
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    logits = torch.zeros(4, 5)
+    logits[0, 1] = logits[1, 2] = logits[2, 4] = logits[3, 0] = 1.0
+    md = SamplingMetadata.build([SamplingParams(temperature=0.0)] * 4, [[0]] * 4, [[]] * 4,
+                                [None] * 4, frozenset(), 5, "cpu")
+    rows = verify(logits, md, ["a"], [[1, 2, 3]], None)
+    assert [t for _, t, _, _ in rows] == [1, 2, 4]           # 3 rejected, 4 recovered
