@@ -5,11 +5,11 @@ preemption modes. Norm weights are randomised so that Gemma's (1 + w) and the q/
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from conftest import StepRecorder
-from conveyor.sampling_params import SamplingParams
 from conveyor.serving.engine import LLMEngine
 from test_equivalence import _check_engine_matches_hf, _tiny_common
 
@@ -18,8 +18,6 @@ WINDOW = 8
 
 def _save_tiny(tmp_path, config, tokenizer_src):
     """Random weights with random norms (HF initialises them to 1, or 0 for Gemma's 1 + w)."""
-    import os
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_engine
+from conftest import hf_greedy, run_engine
 from conveyor.sampling_params import SamplingParams
 from conveyor.serving.engine import LLMEngine
 from gguf_files import llama3_rope_factors, write_llama_gguf
@@ -60,6 +60,5 @@ def test_without_rope_freqs_the_same_weights_differ(llama3_ggufs):
            for p, m in zip(PROMPTS, MAX_TOKENS)]
     finals = run_engine(engine)
     engine.check_invariants()
-    from conftest import hf_greedy
     assert any(finals[rid].outputs[0].token_ids != hf_greedy(hf, p, m, None)
                for rid, p, m in zip(ids, PROMPTS, MAX_TOKENS))
