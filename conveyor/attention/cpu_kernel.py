@@ -30,10 +30,12 @@ class CpuAttention:
 
     name = "cpu"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
-        self._fallback = SplitAttention(num_heads, num_kv_heads, head_dim, scale)
+        self.window = sliding_window or 0                    # the kernel's 0: no window
+        self._fallback = SplitAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
@@ -46,7 +48,7 @@ class CpuAttention:
         out = torch.empty(q.shape, dtype=q.dtype)                              # [T, Hq, D]
         torch.ops.conveyor_cpu.paged_attention(
             out, q, kv_cache, _as_index(md.block_tables), _as_index(md.query_start_loc),
-            _as_index(md.seq_lens), self.scale, torch.get_num_threads())
+            _as_index(md.seq_lens), self.scale, self.window, torch.get_num_threads())
         return out
 
     def forward_qkv(self, qkv: torch.Tensor, kv_cache: torch.Tensor,
@@ -59,7 +61,7 @@ class CpuAttention:
         out = torch.empty((t, hq, d), dtype=qkv.dtype)
         torch.ops.conveyor_cpu.paged_attention(
             out, q, kv_cache, _as_index(md.block_tables), _as_index(md.query_start_loc),
-            _as_index(md.seq_lens), self.scale, torch.get_num_threads())
+            _as_index(md.seq_lens), self.scale, self.window, torch.get_num_threads())
         return out
 
     @staticmethod
@@ -70,13 +72,13 @@ class CpuAttention:
 
 
 def make_cpu_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                       loader: KernelLoader = LOADER):
+                       loader: KernelLoader = LOADER, sliding_window: int | None = None):
     """``CpuAttention`` when the kernel is available and supports ``head_dim``, otherwise
-    ``SplitAttention`` (after one logged warning)."""
+    ``SplitAttention`` (after one logged warning); ``sliding_window`` as in ``make_attention``."""
     if not loader.available():
-        return SplitAttention(num_heads, num_kv_heads, head_dim, scale)
+        return SplitAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         loader.warn_once(f"cpu attention kernel has no head_dim={head_dim} "
                          f"(supports {SUPPORTED_HEAD_DIMS}); using 'sdpa'")
-        return SplitAttention(num_heads, num_kv_heads, head_dim, scale)
-    return CpuAttention(num_heads, num_kv_heads, head_dim, scale)
+        return SplitAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+    return CpuAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)

@@ -17,8 +17,10 @@
 //     are in base 2 (scaled by scale * log2(e)). Accumulation is fp32 for fp32 and bf16 alike:
 //     bf16 K/V are widened to fp32, except that with AVX512-BF16 decode scores multiply bf16
 //     keys in place (vdpbf16ps, exact products, fp32 sums).
-//   * Query i of a request sits at position p = seq_len - q_len + i and sees keys 0..p; nothing
-//     at or past seq_len is read, and the kernel never writes the cache.
+//   * Query i of a request sits at position p = seq_len - q_len + i and sees keys 0..p, or with a
+//     sliding window W > 0 keys p - W + 1..p (HF's mask); keys before the tile's first visible
+//     one are never read (their blocks may hold anything), nothing at or past seq_len is read,
+//     and the kernel never writes the cache. Rows that see no key of a tile get probability 0.
 //   * Items run in parallel (OpenMP, dynamic schedule, heaviest first); one thread owns an item
 //     and its output rows, so nothing races.
 //   * GCC/Clang vector extensions (plus the one AVX512-BF16 intrinsic, behind its macro): the
@@ -193,6 +195,7 @@ struct Problem {
   const int64_t* starts;
   const int64_t* seq_lens;
   int hq, hkv, group, block_size, head_dim;
+  int64_t window;                  // sliding window in keys; 0: causal over the whole context
   float scale_log2;                // softmax scale * log2(e)
 };
 
@@ -203,7 +206,8 @@ struct Item {
 
 // One resolved work item. Row r: token r / (nh * G), query head h0 * G + r % (nh * G).
 struct Tile {
-  int64_t tok0, pos0, kv_len;      // first flat token, its position, keys visited
+  int64_t tok0, pos0, kv_len;      // first flat token, its position, keys visited: [key_begin,
+  int64_t key_begin, window;       //   kv_len); the window (0: none) the tile's rows see
   const int64_t* table;
   int nq, h0, nh, rows, rows_pad;
   bool rows_in_lanes;              // many rows: vectorise over rows, else over keys
@@ -302,15 +306,18 @@ void softmax_keys_in_lanes(const Tile& tl, int group, const Score& score, int64_
                            Scratch& sc) {
   const int per_token = tl.nh * group;
   for (int r = 0; r < tl.rows; ++r) {
-    const int64_t visible = std::min<int64_t>(n, tl.pos0 + r / per_token - key0 + 1);
+    const int64_t pos = tl.pos0 + r / per_token;
+    const int64_t visible = std::min<int64_t>(n, pos - key0 + 1);
+    const int64_t first = tl.window ? pos - tl.window + 1 - key0 : 0;   // first lane it sees
     float* srow = sc.s.data() + r * kKeyTile;
-    if (visible <= 0) {   // the whole tile lies after this row's position
+    if (visible <= 0 || first >= visible) {   // the whole tile lies outside this row's keys
       store(srow, splat(0.0f));
       sc.corr[r] = 1.0f;
       continue;
     }
     vf sv = score(r, (r % per_token) / group);
     sv = lane_ids() < float(visible) ? sv : splat(kNegInf);
+    if (first > 0) sv = lane_ids() >= float(first) ? sv : splat(kNegInf);
     const float m_old = sc.m[r], m_new = std::max(m_old, hmax(sv));
     const float c = m_new == m_old ? 1.0f : exp2v(splat(m_old - m_new))[0];
     vf p = exp2v(sv - m_new);
@@ -338,25 +345,32 @@ void scores_rows_in_lanes(const float* qt, int rows_pad, Rows k, float* st) {
 
 void softmax_rows_in_lanes(const Tile& tl, int64_t key0, int n, Scratch& sc) {
   const int rp = tl.rows_pad;
-  const bool masked = n < kKeyTile || key0 + n - 1 > tl.pos0;   // pos0: the smallest position
+  // pos0: the smallest position; kv_len - 1 the largest, whose window starts latest
+  const bool masked = n < kKeyTile || key0 + n - 1 > tl.pos0 ||
+                      (tl.window && key0 <= tl.kv_len - 1 - tl.window);
+  const float lag = float(tl.window);   // hidden when key - pos0 <= qoff - window
   for (int rv = 0; rv < rp; rv += kLanes) {
     vf qoff = load(sc.qpos.data() + rv), mt = splat(kNegInf);
     for (int t = 0; t < kKeyTile; ++t) {
       float* sp = sc.s.data() + t * rp + rv;
       if (masked) {
-        vf sv = splat(float(key0 + t - tl.pos0)) > qoff ? splat(kNegInf) : load(sp);
+        const vf rel = splat(float(key0 + t - tl.pos0));
+        vf sv = rel > qoff ? splat(kNegInf) : load(sp);
+        if (tl.window) sv = rel + lag <= qoff ? splat(kNegInf) : sv;
         store(sp, t < n ? sv : splat(kNegInf));
       }
       mt = vmax(mt, load(sp));
     }
     vf m_old = load(sc.m.data() + rv), m_new = vmax(m_old, mt), sum = splat(0.0f);
+    // a row that has seen no key yet (window, padding) keeps m = -inf and gets p = 0, not NaN
+    const vf m_use = m_new == splat(kNegInf) ? splat(0.0f) : m_new;
     for (int t = 0; t < kKeyTile; ++t) {
       float* sp = sc.s.data() + t * rp + rv;
-      vf p = exp2v(load(sp) - m_new);
+      vf p = exp2v(load(sp) - m_use);
       store(sp, p);
       sum += p;
     }
-    vf c = exp2v(m_old - m_new);
+    vf c = exp2v(m_old - m_use);
     store(sc.l.data() + rv, load(sc.l.data() + rv) * c + sum);
     store(sc.m.data() + rv, m_new);
     store(sc.corr.data() + rv, c);
@@ -610,6 +624,8 @@ Tile make_tile(const Problem& pb, const Item& it) {
   tl.nq = int(it.tok_end - it.tok_begin);
   tl.pos0 = pb.seq_lens[it.req] - (end - start) + (it.tok_begin - start);
   tl.kv_len = tl.pos0 + tl.nq;
+  tl.window = pb.window;
+  tl.key_begin = pb.window ? std::max<int64_t>(0, tl.pos0 - pb.window + 1) : 0;
   tl.table = pb.tables + it.req * pb.table_stride;
   tl.h0 = it.h0;
   tl.nh = it.nh;
@@ -670,7 +686,7 @@ void run_item(const Problem& pb, const Item& it, Scratch& sc) {
   const KV* k_heads = static_cast<const KV*>(pb.k) + tl.h0 * D;
   const KV* v_heads = static_cast<const KV*>(pb.v) + tl.h0 * D;
   const int bs = pb.block_size;
-  for (int64_t key0 = 0; key0 < tl.kv_len;) {
+  for (int64_t key0 = tl.key_begin; key0 < tl.kv_len;) {
     const int off = int(key0 % bs);
     const int n = int(std::min<int64_t>({kKeyTile, bs - off, tl.kv_len - key0}));
     const int64_t at = tl.table[key0 / bs] * pb.block_stride + off * pb.tok_stride;
@@ -696,11 +712,17 @@ void check_request(const Problem& pb, int64_t req, int64_t num_blocks, int64_t t
   }
 }
 
+// Keys a run of q_len queries ending at context length seq reads at most.
+int64_t visible_keys(const Problem& pb, int64_t seq, int64_t q_len) {
+  return pb.window ? std::min(seq, pb.window + q_len - 1) : seq;
+}
+
 // At most `requested` threads, fewer when the call is too small to repay waking them.
 int choose_threads(const Problem& pb, int64_t num_reqs, int64_t requested) {
   int64_t work = 0;   // (query token x key x kv head) units
   for (int64_t req = 0; req < num_reqs; ++req)
-    work += (pb.starts[req + 1] - pb.starts[req]) * pb.seq_lens[req] * pb.hkv;
+    work += (pb.starts[req + 1] - pb.starts[req]) * visible_keys(pb, pb.seq_lens[req],
+                                                                 pb.starts[req + 1] - pb.starts[req]) * pb.hkv;
   return int(std::clamp<int64_t>(work / kWorkPerThread, 1, std::max<int64_t>(requested, 1)));
 }
 
@@ -719,7 +741,7 @@ std::vector<Item> make_items(const Problem& pb, int64_t num_reqs, int threads) {
     const int64_t start = pb.starts[req], end = pb.starts[req + 1], seq = pb.seq_lens[req];
     for (int64_t t = start; t < end; t += kQueryTile) {
       const int64_t t_end = std::min(end, t + kQueryTile);
-      const int64_t cost = (t_end - t) * (seq - (end - t_end));
+      const int64_t cost = (t_end - t) * visible_keys(pb, seq - (end - t_end), t_end - t);
       const bool one_head = split_heads || (t_end - t) * pb.group >= kLanes;
       const int nh = one_head ? 1 : pb.hkv;
       for (int h = 0; h < pb.hkv; h += nh) items.push_back({req, t, t_end, cost * nh, h, nh});
@@ -781,7 +803,7 @@ void check_inputs(const Tensor& out, const Tensor& query, const Tensor& kv_cache
 
 Problem make_problem(const Tensor& out, const Tensor& query, const Tensor& kv_cache,
                      const Tensor& block_tables, const Tensor& starts, const Tensor& seq_lens,
-                     double scale) {
+                     double scale, int64_t window) {
   const char* kv = static_cast<const char*>(kv_cache.const_data_ptr());
   Problem pb;
   pb.q = query.const_data_ptr();
@@ -802,18 +824,22 @@ Problem make_problem(const Tensor& out, const Tensor& query, const Tensor& kv_ca
   pb.group = pb.hq / pb.hkv;
   pb.block_size = int(kv_cache.size(2));
   pb.head_dim = int(kv_cache.size(4));
+  pb.window = window;
   pb.scale_log2 = float(scale * 1.4426950408889634);
   return pb;
 }
 
 }  // namespace
 
-// out[t, h] = softmax(q[t, h] . K^T * scale, causal) . V over the request's paged context.
+// out[t, h] = softmax(q[t, h] . K^T * scale, causal) . V over the request's paged context, or
+// over its last `window` positions when window > 0.
 void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tables,
-                     Tensor query_start_loc, Tensor seq_lens, double scale, int64_t num_threads) {
+                     Tensor query_start_loc, Tensor seq_lens, double scale, int64_t window,
+                     int64_t num_threads) {
   check_inputs(out, query, kv_cache, block_tables, query_start_loc, seq_lens);
+  STD_TORCH_CHECK(window >= 0, "paged_attention: window must be >= 0");
   const Problem pb = make_problem(out, query, kv_cache, block_tables, query_start_loc, seq_lens,
-                                  scale);
+                                  scale, window);
   const int64_t num_reqs = seq_lens.numel();
   for (int64_t req = 0; req < num_reqs; ++req)
     check_request(pb, req, kv_cache.size(1), block_tables.size(1));
@@ -828,7 +854,7 @@ void paged_attention(Tensor out, Tensor query, Tensor kv_cache, Tensor block_tab
 
 STABLE_TORCH_LIBRARY(conveyor_cpu, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_tables, "
-        "Tensor query_start_loc, Tensor seq_lens, float scale, int num_threads) -> ()");
+        "Tensor query_start_loc, Tensor seq_lens, float scale, int window, int num_threads) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {

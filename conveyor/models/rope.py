@@ -1,4 +1,6 @@
-"""Rotary position embeddings (HF "rotate half" layout) with default, linear and llama3 scaling.
+"""Rotary position embeddings (HF "rotate half" layout) with default, linear and llama3 scaling,
+and GGUF's ``rope_freqs`` factors (llama.cpp's form of Llama 3.1/3.2 scaling: each inverse
+frequency divided by its factor).
 
 cos/sin tables are precomputed in fp32 for every position up to the model's limit, then looked
 up by the flat ``positions`` tensor, so one call serves every request in a ragged batch.
@@ -15,9 +17,18 @@ from conveyor.errors import UnsupportedModelError
 from conveyor.models.config import ArchConfig
 
 
-def _inv_freq(cfg: ArchConfig) -> torch.Tensor:
+def _inv_freq(cfg: ArchConfig, theta: float | None) -> torch.Tensor:
+    """Inverse frequencies [D/2]; ``theta`` set: that base, unscaled (Gemma 3's sliding layers)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    base = cfg.rope_theta if theta is None else theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if theta is not None:
+        return inv
+    if cfg.rope_freq_factors:
+        if len(cfg.rope_freq_factors) != d // 2:
+            raise UnsupportedModelError(
+                f"rope_freqs has {len(cfg.rope_freq_factors)} factors, head_dim {d} needs {d // 2}")
+        return inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
     scaling = cfg.rope_scaling_dict
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -42,15 +53,18 @@ def _llama3_inv_freq(inv: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    """cos/sin tables of one RoPE variant; ``theta`` given: that base without scaling."""
+
+    def __init__(self, cfg: ArchConfig, theta: float | None = None):
         super().__init__()
+        self.theta = theta
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_tables(cfg)
 
     def reset_tables(self, cfg: ArchConfig) -> None:
         """(Re)compute the tables on the CPU; also after building the model on the meta device."""
-        inv = _inv_freq(cfg)                                               # [D/2]
+        inv = _inv_freq(cfg, self.theta)                                   # [D/2]
         pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, inv)                                      # [P, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)                            # [P, D]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
-from conveyor.models.llama import LlamaForCausalLM
+from conveyor.models.layers import CausalLM
 from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
 from conveyor.runner.row_sampling import sample_isolated
 from conveyor.runner.spec_step import grammar_mask, propose_drafts, stage_drafts, verify_step
@@ -21,7 +21,7 @@ from conveyor.sampling import Sampler, SamplingMetadata, is_plain_greedy
 from conveyor.structured.request_state import GrammarBitmask
 
 
-def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int,
+def allocate_kv_caches(model: CausalLM, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """One tensor per layer with ``num_blocks`` pool blocks plus one scratch block (the last),
     where the static/dynamic baselines' padding sequences write."""
@@ -34,7 +34,7 @@ def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int
 class ModelRunner:
     """Runs one step of the model for whatever the scheduler decided."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  eos_token_ids: frozenset[int], device: torch.device, seed: int = 0,
                  host_kv_caches: list[torch.Tensor] | None = None,
                  proposer: Proposer | None = None):

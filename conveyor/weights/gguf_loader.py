@@ -1,9 +1,11 @@
 """Read a GGUF file into an ``ArchConfig`` and an HF-named fp32 state dict.
 
-Quantized tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ... whatever the ``gguf`` package can
+Quantized tensors (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, ... whatever the ``gguf`` package can
 dequantize) are dequantized at load. GGUF files of the ``llama`` architecture store Q and K
 weights with llama.cpp's permuted rotary layout; we undo it so HF's "rotate half" RoPE applies
-(``qwen2`` files are not permuted).
+(other architectures are not permuted). Tensor names and values a family stores its own way go
+through that family's ``GGUF_LAYER_NAMES`` and ``gguf_to_hf`` (``models/registry.py``).
+``rope_freqs`` (llama.cpp's Llama 3.1/3.2 RoPE scaling) becomes ``ArchConfig.rope_freq_factors``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import re
 import numpy as np
 import torch
 
-from conveyor.errors import ModelLoadError, UnsupportedModelError
+from conveyor.errors import ModelLoadError
+from conveyor.models import registry
 from conveyor.models.config import ArchConfig
-
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 
 _NAME_MAP = {
     "token_embd": "model.embed_tokens",
@@ -27,9 +28,9 @@ _LAYER_MAP = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 def _reader(path: str):
@@ -45,13 +46,27 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def _dequantize(t) -> np.ndarray:
+    import gguf
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise ModelLoadError(
+            f"tensor {t.name} uses GGUF type {t.tensor_type.name}, which cannot be dequantized "
+            "here; convert the file to F16/Q8_0/Q4_K") from e
+    return np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def _rope_freq_factors(r) -> tuple[float, ...]:
+    tensor = next((t for t in r.tensors if t.name == _ROPE_FREQS), None)
+    return () if tensor is None else tuple(float(x) for x in _dequantize(tensor).reshape(-1))
+
+
 def read_gguf_config(path: str, reader=None) -> ArchConfig:
-    """Architecture hyper-parameters from GGUF metadata."""
+    """Architecture hyper-parameters from GGUF metadata (and the ``rope_freqs`` tensor)."""
     r = reader or _reader(path)
     arch = _field(r, "general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} is not supported; conveyor runs {sorted(_GGUF_ARCHS)}")
+    family = registry.gguf_family(arch)
     a = lambda k, d=None: _field(r, f"{arch}.{k}", d)  # noqa: E731
     heads = a("attention.head_count")
     hidden = a("embedding_length")
@@ -61,8 +76,8 @@ def read_gguf_config(path: str, reader=None) -> ArchConfig:
     rope = {}
     if a("rope.scaling.type") not in (None, "none"):
         rope = {"rope_type": a("rope.scaling.type"), "factor": a("rope.scaling.factor", 1.0)}
-    return ArchConfig(
-        architecture=_GGUF_ARCHS[arch], vocab_size=vocab, hidden_size=hidden,
+    base = dict(
+        architecture=family, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=a("feed_forward_length"), num_layers=a("block_count"), num_heads=heads,
         num_kv_heads=a("attention.head_count_kv", heads),
         head_dim=a("attention.key_length") or hidden // heads,
@@ -70,19 +85,23 @@ def read_gguf_config(path: str, reader=None) -> ArchConfig:
         rope_theta=float(a("rope.freq_base", 10000.0)),
         max_position_embeddings=a("context_length", 2048), tie_word_embeddings=not has_output,
         attention_bias=any(t.name == "blk.0.attn_q.bias" for t in r.tensors),
-        rope_scaling=tuple(sorted(rope.items())),
+        rope_scaling=tuple(sorted(rope.items())), rope_freq_factors=_rope_freq_factors(r),
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"))
+    base.update(registry.family(family).gguf_config_extras(a))
+    return ArchConfig(**base)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """HF parameter name for a GGUF tensor name (None for tensors we do not use)."""
+def hf_name(gguf_name: str, layer_names: dict[str, str] | None = None) -> str | None:
+    """HF parameter name for a GGUF tensor name (None for tensors we do not use);
+    ``layer_names``: the family's own names inside a layer (``GGUF_LAYER_NAMES``)."""
     base, _, kind = gguf_name.rpartition(".")
     if base in _NAME_MAP:
         return f"{_NAME_MAP[base]}.{kind}"
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    names = {**_LAYER_MAP, **(layer_names or {})}
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -94,26 +113,20 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
-    """Config and fp32 state dict (HF names) from a GGUF file."""
-    import gguf
+    """Config and fp32 state dict (HF names and values) from a GGUF file."""
     r = _reader(path)
     cfg = read_gguf_config(path, r)
+    family = registry.family(cfg.architecture)
     permuted = _field(r, "general.architecture") == "llama"
     state = {}
     for t in r.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, family.GGUF_LAYER_NAMES)
         if name is None:
             continue
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ModelLoadError(
-                f"tensor {t.name} uses GGUF type {t.tensor_type.name}, which cannot be dequantized "
-                "here; convert the file to F16/Q8_0/Q4_K") from e
-        arr = np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        arr = _dequantize(t)
         if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             arr = unpermute_rotary(arr, cfg.num_heads)
         elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             arr = unpermute_rotary(arr, cfg.num_kv_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(arr))
+        state[name] = torch.from_numpy(np.ascontiguousarray(family.gguf_to_hf(name, arr)))
     return cfg, state

@@ -14,8 +14,9 @@ import torch
 
 from conveyor.errors import ModelLoadError
 from conveyor.models.config import ArchConfig
+from conveyor.models import registry
 from conveyor.models.int8 import check_supported, quantize_linears
-from conveyor.models.llama import LlamaForCausalLM, fuse_hf_state_dict
+from conveyor.models.layers import CausalLM
 from conveyor.models.packed import pack_linears
 from conveyor.models.rope import RotaryEmbedding
 
@@ -63,9 +64,9 @@ def load_checkpoint(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
 
 
 def build_model(path: str, dtype: torch.dtype, device: torch.device,
-                attention_backend: str = "sdpa", quantization: str | None = None) -> LlamaForCausalLM:
-    """Load weights into our module tree (strict: every parameter present, nothing unknown);
-    with ``quantization="int8"`` the layer GEMMs become int8 (``models/int8.py``); the remaining
+                attention_backend: str = "sdpa", quantization: str | None = None) -> CausalLM:
+    """Load weights into the module tree of the checkpoint's family (``models/registry.py``;
+    strict: every parameter present, nothing unknown); with ``quantization="int8"`` the layer GEMMs become int8 (``models/int8.py``); the remaining
     linear layers are prepacked for oneDNN where supported (``models/packed.py``). An int8 that
     cannot run here is refused (ConfigError) before the checkpoint is read."""
     if quantization == "int8":
@@ -73,9 +74,10 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
     cfg, state = load_checkpoint(path)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    family = registry.family(cfg.architecture)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, attention_backend, dtype=dtype, device=device)
-    state = fuse_hf_state_dict({k: v.to(dtype) for k, v in state.items()})
+        model = family.MODEL_CLASS(cfg, attention_backend, dtype=dtype, device=device)
+    state = family.convert_hf_state({k: v.to(dtype) for k, v in state.items()}, cfg)
     expected = {k for k, _ in model.named_parameters()}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     unexpected = {k for k in unexpected if "rotary_emb" not in k}
@@ -84,8 +86,7 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
             f"checkpoint {path} does not match the {cfg.architecture} layout: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_tables(cfg)
