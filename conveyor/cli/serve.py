@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     g.add_argument("--tool-call-parser", default=None, choices=sorted(FORMATS),
                    help="how the model writes tool calls (vLLM's names); default: the format "
                         "the chat template was written for, else hermes")
+    g.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                   help="the machine's price per hour: /metrics and /dashboard show the cost "
+                        "per 1M output and per 1M total tokens (default: no cost shown)")
     add_engine_args(p)
     p.set_defaults(func=run)
 

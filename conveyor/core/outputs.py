@@ -111,6 +111,7 @@ class StepStats:
     kv_usage: float = 0.0
     slot_of: dict[str, int] = field(default_factory=dict)       # every slot holder -> slot index
     useful_request_ids: list[str] = field(default_factory=list)  # computed real tokens this step
+    decode_request_ids: list[str] = field(default_factory=list)  # of which decoded (1 new token)
 
     @classmethod
     def of_step(cls, out: "SchedulerOutput", requests: dict, num_running: int, num_waiting: int,
@@ -121,11 +122,14 @@ class StepStats:
         def is_decode(rid: str) -> bool:
             req = requests[rid]
             return req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
-        decode = sum(1 for rid, n in out.num_scheduled_tokens.items() if n == 1 and is_decode(rid))
+        decode_ids = [rid for rid, n in out.num_scheduled_tokens.items()
+                      if n == 1 and is_decode(rid)]
+        decode = len(decode_ids)
         return cls(max_num_seqs=max_num_seqs, num_running=num_running, num_waiting=num_waiting,
                    num_scheduled_tokens=out.total_num_scheduled_tokens,
                    num_prefill_tokens=out.total_num_scheduled_tokens - decode,
                    num_decode_tokens=decode, num_padding_tokens=out.num_padding_tokens,
                    num_new_admissions=num_admitted, num_preemptions=num_preempted,
                    kv_usage=kv_usage, slot_of=dict(slot_of),
-                   useful_request_ids=list(out.num_scheduled_tokens))
+                   useful_request_ids=list(out.num_scheduled_tokens),
+                   decode_request_ids=decode_ids)

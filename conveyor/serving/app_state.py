@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from fastapi import Request
 
+from conveyor.errors import InvalidRequestError
+
 from conveyor.metrics.prometheus import ServingMetrics
 from conveyor.serving.admission import check_prompt_chars
 from conveyor.serving.async_engine import AsyncEngine
@@ -44,6 +46,8 @@ class ServerConfig:
     max_tokenizer_queue_chars: characters of prompts queued for tokenization beyond which new
       requests get 429 at once.
     tool_call_parser: ``--tool-call-parser`` (``conveyor.tools.formats``); None: from the model.
+    price_per_hour: the machine's price in USD per hour (``--price-per-hour``): /metrics and
+      /dashboard then show the cost per 1M output and per 1M total tokens (None: no cost).
     """
 
     served_model_name: str | None = None
@@ -59,8 +63,12 @@ class ServerConfig:
     watchdog_timeout: float | None = 60.0
     max_tokenizer_queue_chars: int = 4 << 20
     tool_call_parser: str | None = None
+    price_per_hour: float | None = None
 
     def __post_init__(self) -> None:
+        if self.price_per_hour is not None and not 0 < self.price_per_hour < float("inf"):
+            raise InvalidRequestError("--price-per-hour must be a positive number of USD",
+                                      "price_per_hour")
         keys = tuple(k if isinstance(k, ApiKey) else ApiKey(k) for k in self.api_keys)
         object.__setattr__(self, "api_keys", check_keys(keys))
 

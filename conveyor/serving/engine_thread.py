@@ -46,6 +46,9 @@ class OutputObserver(Protocol):
 
     def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
 
+    def on_step(self, engine: Any, started: float, finished: float) -> None:
+        """After every ``engine.step()`` (the dashboard's belt); O(batch slots)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSnapshot:
@@ -215,8 +218,10 @@ class EngineThread:
                     for request_id in list(self._live):
                         outputs += self.engine.abort_request(request_id)
                 elif self.engine.has_unfinished_requests():
+                    started = time.monotonic()
                     outputs += self.engine.step()
                     stalled = self.engine.core.scheduler.last_stats.num_scheduled_tokens == 0
+                    self._observe_step(started)
                 self._hand_back(outputs)
                 self.last_beat = time.monotonic()
                 if batch.stop:
@@ -236,6 +241,13 @@ class EngineThread:
             return
         self._live[cmd.request_id] = cmd.params.n
         cmd.on_added(None)
+
+    def _observe_step(self, started: float) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.on_step(self.engine, started, time.monotonic())
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("step observer failed")
 
     def _hand_back(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

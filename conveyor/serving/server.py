@@ -5,7 +5,9 @@ loads on a worker thread while ``/health`` says 503 "loading". ``run_server(args
 uvicorn and implements graceful shutdown. Invariants:
 
 - Every route except ``api_docs.PUBLIC_PATHS`` (``/health``, ``/openapi.json``, ``/docs``)
-  requires a configured API key (``serving.auth``: compared in constant time against every key);
+  requires a configured API key (``serving.auth``: compared in constant time against every key),
+  sent as ``Bearer <key>`` or as the password of HTTP Basic credentials (what a browser sends for
+  ``/dashboard`` once its 401 asked for them);
   the key's identity (tenant, trusted, min_priority) travels in ``scope["state"]["identity"]``.
 - On the first SIGTERM/SIGINT new requests get 503 while in-flight ones may finish for
   ``shutdown_timeout`` seconds; the rest are aborted ("abort"), then the process exits 0 (1 when
@@ -38,6 +40,7 @@ from conveyor.serving.async_engine import AsyncEngine
 from conveyor.serving.auth import (ANONYMOUS, ApiKey, check_keys, exposure_warning,
                                    load_api_key_file, parse_api_key)
 from conveyor.serving.connection_guard import ConnectionLimits
+from conveyor.serving.dashboard import add_dashboard_routes, basic_key, challenge_headers
 from conveyor.serving.http_errors import error_response, install_error_handlers
 from conveyor.serving.lifecycle import build_server, exit_now
 from conveyor.serving.openai_routes import add_openai_routes
@@ -59,7 +62,7 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     """
     state = AppState(config, RequestLimits(max_n=config.max_n))
     state.metrics = ServingMetrics(lambda: state.engine.snapshot if state.engine else None,
-                                   lambda: state.engine)
+                                   lambda: state.engine, config.price_per_hour)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,6 +80,7 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     install_error_handlers(app)
     add_openai_routes(app)
     add_utility_routes(app)
+    add_dashboard_routes(app)
     add_api_docs(app, has_api_keys=bool(config.api_keys), model_name=lambda: state.model_name)
     app.add_middleware(GuardMiddleware, state=state)
     return app
@@ -189,7 +193,8 @@ class GuardMiddleware:
             identity = self.state.key_ring.authenticate(_bearer_token(scope))
             if identity is None:
                 response = error_response(401, "missing or wrong API key; send 'Authorization: "
-                                               "Bearer <key>'", code="invalid_api_key")
+                                               "Bearer <key>'", code="invalid_api_key",
+                                          headers=challenge_headers(scope["path"]))
                 return await response(scope, receive, send)
         scope.setdefault("state", {})["identity"] = identity     # read by request_identity
         if self.state.draining and scope["path"] != "/metrics":
@@ -203,6 +208,8 @@ def _bearer_token(scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "basic":             # a browser on /dashboard (see dashboard)
+                return basic_key(token.strip())
             return token.strip() if scheme.lower() == "bearer" else None
     return None
 
@@ -263,7 +270,8 @@ def server_config_from_args(args) -> ServerConfig:
                         args.shutdown_timeout, args.tenant_max_concurrency,
                         args.tenant_max_tokens_per_minute, args.stream_write_timeout,
                         args.watchdog_timeout or None, args.max_tokenizer_queue_chars,
-                        getattr(args, "tool_call_parser", None))
+                        getattr(args, "tool_call_parser", None),
+                        price_per_hour=getattr(args, "price_per_hour", None))
 
 
 def api_keys_from_args(args) -> tuple[ApiKey, ...]:
