@@ -36,7 +36,7 @@ function renderNumbers(f) {
   $("slots").textContent = f.belt.num_slots ? `of ${f.belt.num_slots} slots` : "";
   setValue("num-waiting", f.num_waiting, String(f.num_waiting));
   const kv = f.kv;
-  setValue("kv-usage", kv.usage, `${fmt(100 * kv.usage)}%`);
+  setValue("kv-usage", kv.usage, `${fmt(100 * kv.usage, kv.usage > 0 && kv.usage < 0.01 ? 2 : 1)}%`);
   const total = Math.max(1, kv.total);
   const bar = $("kv-bar").children;
   bar[0].style.width = `${100 * kv.live / total}%`;
