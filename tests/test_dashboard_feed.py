@@ -43,7 +43,7 @@ def test_static_batch_padding_matches_the_bench_summary():
     kinds = {rid: kind for _, rid, kind in records[2].cells}
     assert kinds == {"a": PADDING, "b": DECODE, "c": PADDING}
     reference = summarize_steps(samples_from_step_log(core.step_log, 0.0, 3))
-    usage = usage_of(feed.recent(core.clock()))
+    usage = usage_of(feed.window(core.clock())[0])
     assert usage["slot_utilization"] == pytest.approx(reference.slot_utilization)
     assert usage["held_idle_slot_steps"] == reference.straggler_slot_steps > 0
     assert usage["empty_slot_steps"] == reference.empty_slot_steps
@@ -68,12 +68,30 @@ def test_continuous_belt_shows_chunks_decodes_joins_and_tenants():
     # a 10-token prompt under a 4-token budget takes several prefill chunks, then decodes
     assert by_rid["long"][0] == PREFILL and by_rid["long"].count(PREFILL) >= 3
     assert by_rid["long"][-1] == DECODE and by_rid["long"].count(DECODE) == 2
-    belt = belt_json(feed.belt())
+    belt = belt_json(feed.belt(), feed.num_slots)
     assert belt["num_slots"] == 2 and set(belt["requests"]) == {"long", "short"}
     assert all(0 <= slot < 2 and kind in (0, 1, 2) for s in belt["steps"] for slot, _, kind in s["cells"])
-    shares = tenant_shares(feed.recent(core.clock()))
+    assert [r.step_index for r in feed.belt(after_step=2)] == list(range(3, feed.totals.num_steps))
+    shares = tenant_shares(feed.window(core.clock())[0])
     assert {s["tenant"] for s in shares} == {"A", "B"}
     assert sum(s["share"] for s in shares) == pytest.approx(1.0)
+
+
+def test_one_minute_sums_come_from_one_second_buckets():
+    feed = BeltFeed(clock=lambda: 0.0)
+    engine_core, _ = make("continuous", max_seqs=2)
+    core = SimpleNamespace(core=engine_core)
+    for t, rid in ((10.2, "a"), (10.7, "b"), (40.5, "c"), (70.1, "d")):
+        engine_core.add_request(req(rid, 3, 1, arrival=100.0))
+        engine_core.step()                       # one 3-token prefill, finished
+        feed.on_step(core, t - 0.1, t)
+    engine_core.check_invariants()
+    minute, covered = feed.window(70.5)          # seconds 11..70: the steps at 40.5 and 70.1
+    assert minute.num_steps == 2 and covered == pytest.approx(59.5)
+    recent, covered = feed.window(70.5, span_s=5)
+    assert recent.num_steps == 1 and covered == pytest.approx(4.5)
+    assert recent.prefill_tokens == 3 and minute.prefill_tokens == 6
+    assert feed.totals.num_steps == 4 and len(feed.belt()) == 4
 
 
 def test_time_window_forgets_old_samples_and_stays_bounded():

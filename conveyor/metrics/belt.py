@@ -10,9 +10,9 @@ Invariants:
 
 - every step is recorded once; the cumulative counters (steps, slot-steps by state, padding and
   computed tokens) only grow;
-- the feed holds at most ``BELT_STEPS`` belt columns and the last minute of step records (and
-  never more than ``MAX_RECORDS``), so memory is bounded under any load;
-- reads from the event loop see whole records only (one lock around the deques).
+- the feed holds at most ``BELT_STEPS`` belt columns and 61 one-second sums of the steps (the
+  last minute), so memory is bounded under any load and reading it costs the same at any rate;
+- reads from the event loop see whole records and sums only (one lock around the deques).
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.metrics.batch_usage import slot_counts
 from conveyor.metrics.windows import MINUTE_S
 
 BELT_STEPS = 120          # columns of the belt: the most recent steps
-MAX_RECORDS = 20_000      # step records kept for the one-minute aggregates, at most
 PREFILL, DECODE, PADDING = "prefill", "decode", "padding"
 SLOT_STATES = ("useful", "held_idle", "empty")
 
@@ -80,27 +79,58 @@ def read_step(engine: Any, step_index: int, started: float, finished: float) -> 
 
 @dataclass(slots=True)
 class BatchTotals:
-    """Cumulative counters since the server started."""
+    """Sums over steps: since the server started (``BeltFeed.totals``), or over one second of
+    steps (the buckets the one-minute aggregates add up)."""
 
     num_steps: int = 0
-    slot_steps: dict | None = None       # SLOT_STATES -> slot-steps
+    num_slots: int = 0                   # sum of max_num_seqs: slot-steps in all
+    slot_steps: dict = field(default_factory=lambda: dict.fromkeys(SLOT_STATES, 0))
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
     padding_tokens: int = 0
-    computed_tokens: int = 0             # real tokens (prefill + decode)
+    preemptions: int = 0
     step_seconds: float = 0.0
+    tenant_slots: dict = field(default_factory=dict)     # tenant -> useful slot-steps
 
-    def __post_init__(self) -> None:
-        self.slot_steps = dict.fromkeys(SLOT_STATES, 0)
+    @property
+    def computed_tokens(self) -> int:
+        """Real tokens (prefill + decode)."""
+        return self.prefill_tokens + self.decode_tokens
+
+    def add(self, r: StepRecord) -> None:
+        self.num_steps += 1
+        self.num_slots += r.max_num_seqs
+        for state, n in zip(SLOT_STATES, (r.num_useful, r.num_held_idle, r.num_empty)):
+            self.slot_steps[state] += n
+        self.prefill_tokens += r.num_prefill_tokens
+        self.decode_tokens += r.num_decode_tokens
+        self.padding_tokens += r.num_padding_tokens
+        self.preemptions += r.num_preemptions
+        self.step_seconds += r.duration_s
+        for tenant, n in r.tenant_slots:
+            self.tenant_slots[tenant] = self.tenant_slots.get(tenant, 0) + n
+
+    def merge(self, other: "BatchTotals") -> None:
+        for name in ("num_steps", "num_slots", "prefill_tokens", "decode_tokens",
+                     "padding_tokens", "preemptions", "step_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for state in SLOT_STATES:
+            self.slot_steps[state] += other.slot_steps[state]
+        for tenant, n in other.tenant_slots.items():
+            self.tenant_slots[tenant] = self.tenant_slots.get(tenant, 0) + n
 
 
 class BeltFeed:
-    """Step records of a running engine; see the module docstring."""
+    """Step records of a running engine; see the module docstring. The one-minute aggregates
+    are kept in one-second buckets, so reading them is O(60) whatever the step rate."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.started = clock()
         self.totals = BatchTotals()
+        self.num_slots = 0                  # the engine's max_num_seqs, once a step ran
         self._belt: deque[StepRecord] = deque(maxlen=BELT_STEPS)
-        self._recent: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
+        self._buckets: deque[tuple[int, BatchTotals]] = deque(maxlen=int(MINUTE_S) + 1)
         self._lock = threading.Lock()
 
     def on_step(self, engine: Any, started: float, finished: float) -> None:
@@ -110,53 +140,48 @@ class BeltFeed:
             self.add(record)
 
     def add(self, record: StepRecord) -> None:
+        second = int(record.end_time)
         with self._lock:
-            t = self.totals
-            t.num_steps += 1
-            for state, n in zip(SLOT_STATES, (record.num_useful, record.num_held_idle,
-                                              record.num_empty)):
-                t.slot_steps[state] += n
-            t.padding_tokens += record.num_padding_tokens
-            t.computed_tokens += record.num_prefill_tokens + record.num_decode_tokens
-            t.step_seconds += record.duration_s
+            self.totals.add(record)
+            if not self._buckets or self._buckets[-1][0] != second:
+                self._buckets.append((second, BatchTotals()))
+            self._buckets[-1][1].add(record)
             self._belt.append(record)
-            self._recent.append(record)
+            self.num_slots = record.max_num_seqs
 
-    def belt(self) -> list[StepRecord]:
+    def belt(self, after_step: int = -1) -> list[StepRecord]:
+        """The belt's records (oldest first), only those after step ``after_step`` if given."""
         with self._lock:
-            return list(self._belt)
+            return [r for r in self._belt if r.step_index > after_step]
 
-    def recent(self, now: float, span_s: float = MINUTE_S) -> list[StepRecord]:
-        """The records of steps that ended at most ``span_s`` seconds before ``now``."""
+    def window(self, now: float, span_s: float = MINUTE_S) -> tuple[BatchTotals, float]:
+        """Sums over the steps of about the last ``span_s`` seconds (whole seconds: from the
+        start of the second ``span_s - 1`` before ``now``), and the seconds that covers."""
+        first = int(now) - max(1, int(span_s)) + 1
+        sums = BatchTotals()
         with self._lock:
-            while self._recent and self._recent[0].end_time < now - MINUTE_S:
-                self._recent.popleft()
-            return [r for r in self._recent if r.end_time >= now - span_s]
+            for second, bucket in self._buckets:
+                if second >= first:
+                    sums.merge(bucket)
+        return sums, max(1e-9, now - first)
 
 
-def usage_of(records: list[StepRecord]) -> dict[str, float | int | None]:
-    """Slot utilization, padding waste (padding / (real + padding) tokens), idle slot-steps
-    (held without work + empty) and preemptions over ``records``."""
-    slots = sum(r.max_num_seqs for r in records)
-    real = sum(r.num_prefill_tokens + r.num_decode_tokens for r in records)
-    padding = sum(r.num_padding_tokens for r in records)
-    return {"num_steps": len(records),
-            "slot_utilization": sum(r.num_useful for r in records) / slots if slots else None,
-            "padding_waste": padding / (real + padding) if real + padding else None,
-            "held_idle_slot_steps": sum(r.num_held_idle for r in records),
-            "empty_slot_steps": sum(r.num_empty for r in records),
-            "prefill_tokens": sum(r.num_prefill_tokens for r in records),
-            "preemptions": sum(r.num_preemptions for r in records),
-            "mean_step_ms": 1000.0 * sum(r.duration_s for r in records) / len(records)
-            if records else None}
+def usage_of(t: BatchTotals) -> dict[str, float | int | None]:
+    """Slot utilization, padding waste (padding / (real + padding) tokens), held-idle and
+    empty slot-steps, prefill tokens, preemptions and the mean step time of ``t``."""
+    real_and_padding = t.computed_tokens + t.padding_tokens
+    return {"num_steps": t.num_steps,
+            "slot_utilization": t.slot_steps["useful"] / t.num_slots if t.num_slots else None,
+            "padding_waste": t.padding_tokens / real_and_padding if real_and_padding else None,
+            "held_idle_slot_steps": t.slot_steps["held_idle"],
+            "empty_slot_steps": t.slot_steps["empty"],
+            "prefill_tokens": t.prefill_tokens,
+            "preemptions": t.preemptions,
+            "mean_step_ms": 1000.0 * t.step_seconds / t.num_steps if t.num_steps else None}
 
 
-def tenant_shares(records: list[StepRecord]) -> list[dict]:
-    """Each tenant's share of the useful slot-steps of ``records``, largest first."""
-    counts: dict[str, int] = {}
-    for r in records:
-        for tenant, n in r.tenant_slots:
-            counts[tenant] = counts.get(tenant, 0) + n
-    total = sum(counts.values())
+def tenant_shares(t: BatchTotals) -> list[dict]:
+    """Each tenant's share of the useful slot-steps in ``t``, largest first."""
+    total = sum(t.tenant_slots.values())
     return [{"tenant": tenant or "default", "share": n / total, "slot_steps": n}
-            for tenant, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+            for tenant, n in sorted(t.tenant_slots.items(), key=lambda kv: (-kv[1], kv[0]))]

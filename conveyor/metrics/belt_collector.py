@@ -68,7 +68,7 @@ class BeltCollector(Collector):
             yield from self._cost(now)
 
     def _last_minute(self, now: float):
-        usage = usage_of(self.feed.recent(now))
+        usage = usage_of(self.feed.window(now)[0])
         gauges = (("slot_utilization", "Useful share of batch slot-steps, last minute.",
                    usage["slot_utilization"]),
                   ("padding_waste_ratio", "Padding share of computed tokens, last minute.",

@@ -66,7 +66,7 @@ async def page(request: Request) -> Response:
 
 
 async def frame(request: Request) -> JSONResponse:
-    return JSONResponse(build_frame(app_state(request)))
+    return JSONResponse(build_frame(app_state(request))[0])
 
 
 async def events(request: Request) -> StreamingResponse:
@@ -74,22 +74,28 @@ async def events(request: Request) -> StreamingResponse:
 
     async def stream():
         yield "retry: 2000\n\n"
+        last_step = -1                 # the first frame has the whole belt, later ones what is new
         while not state.draining and not await request.is_disconnected():
-            yield f"data: {json.dumps(build_frame(state), allow_nan=False)}\n\n"
+            body, last_step = build_frame(state, last_step)
+            yield f"data: {json.dumps(body, allow_nan=False)}\n\n"
             await asyncio.sleep(FRAME_INTERVAL_S)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def build_frame(state) -> dict:
-    """Everything the page shows, as plain JSON values (None where a number is undefined)."""
+def build_frame(state, after_step: int = -1) -> tuple[dict, int]:
+    """Everything the page shows, as plain JSON values (None where a number is undefined), with
+    the belt's steps after ``after_step`` only (-1: all of it, ``belt.full``); and the last step
+    index it holds (to pass as ``after_step`` next time)."""
     metrics, engine = state.metrics, state.engine
     now = metrics.belt.clock()
-    minute = metrics.belt.recent(now)
-    last = [r for r in minute if r.end_time >= now - RATE_WINDOW_S]
+    minute, _ = metrics.belt.window(now)
+    last, last_span = metrics.belt.window(now, RATE_WINDOW_S)
     recent = metrics.recent
     snap = engine.snapshot if engine is not None else None
+    records = metrics.belt.belt(after_step)
+    belt = belt_json(records, metrics.belt.num_slots, full=after_step < 0)
     return {
         "status": _status(state),
         "model": state.model_name,
@@ -97,17 +103,17 @@ def build_frame(state) -> dict:
         "num_running": snap.num_running if snap else 0,
         "num_waiting": snap.num_waiting if snap else 0,
         "kv": _kv(snap),
-        "tokens_per_s": {"in": sum(r.num_prefill_tokens for r in last) / RATE_WINDOW_S,
+        "tokens_per_s": {"in": last.prefill_tokens / last_span,
                          "out": recent.generated_tokens.total(now, RATE_WINDOW_S) / RATE_WINDOW_S},
         "ttft_ms": percentiles_ms(recent.ttft.values(now)),
         "itl_ms": percentiles_ms(recent.itl.values(now)),
         "preemptions": {"total": snap.num_preemptions_total if snap else 0,
-                        "last_minute": sum(r.num_preemptions for r in minute)},
+                        "last_minute": minute.preemptions},
         "tenants": tenant_shares(minute),
         "batch": usage_of(minute),
         "cost": cost_summary(recent, metrics.belt.started, metrics.price_per_hour, now),
-        "belt": belt_json(metrics.belt.belt()),
-    }
+        "belt": belt,
+    }, records[-1].step_index if records else after_step
 
 
 def _status(state) -> str:
@@ -127,18 +133,18 @@ def _kv(snap) -> dict:
             "total": snap.num_total_blocks, "usage": snap.kv_cache_usage}
 
 
-def belt_json(records) -> dict:
+def belt_json(records, num_slots: int, full: bool = True) -> dict:
     """The belt: ``steps`` oldest first, each ``{"step", "ms", "cells": [[slot, request index,
-    kind code]]}`` with kind codes ``kinds``; ``requests`` lists the request ids indexed."""
+    kind code]]}`` with kind codes ``kinds``; ``requests`` lists the request ids indexed;
+    ``full``: these are all the steps kept (else only the new ones, to append)."""
     index: dict[str, int] = {}
     steps = []
     for r in records[-BELT_STEPS:]:
         cells = [[slot, index.setdefault(rid, len(index)), _KIND_CODES[kind]]
                  for slot, rid, kind in r.cells]
         steps.append({"step": r.step_index, "ms": round(1000.0 * r.duration_s, 3), "cells": cells})
-    num_slots = max((r.max_num_seqs for r in records), default=0)
     return {"num_slots": num_slots, "kinds": list(_KIND_CODES), "steps": steps,
-            "requests": list(index)}
+            "requests": list(index), "full": full, "num_columns": BELT_STEPS}
 
 
 def basic_key(credentials: str) -> str | None:

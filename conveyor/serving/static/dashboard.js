@@ -6,6 +6,21 @@ const KIND_DECODE = 1, KIND_PADDING = 2;
 const history = [];
 const HISTORY_LEN = 240;
 let lastBelt = null;
+// The belt as the page keeps it: the server sends it whole in the first frame (belt.full), then
+// only the steps that are new. Cells are [slot, request id, kind code] here.
+const belt = { steps: [], numSlots: 0, numColumns: 120, kinds: [] };
+
+function mergeBelt(update) {
+  if (update.full) belt.steps = [];
+  const last = belt.steps.length ? belt.steps[belt.steps.length - 1].step : -1;
+  for (const s of update.steps) {
+    if (s.step <= last) continue;
+    belt.steps.push({ step: s.step, ms: s.ms,
+                      cells: s.cells.map(([slot, req, kind]) => [slot, update.requests[req], kind]) });
+  }
+  belt.steps.splice(0, Math.max(0, belt.steps.length - update.num_columns));
+  belt.numSlots = update.num_slots; belt.numColumns = update.num_columns; belt.kinds = update.kinds;
+}
 
 function $(id) { return document.getElementById(id); }
 function byTestId(id) { return document.querySelector(`[data-testid="${id}"]`); }
@@ -85,9 +100,9 @@ function renderBatch(f) {
   }
 }
 
-function drawBelt(belt) {
+function drawBelt() {
   const canvas = $("belt");
-  const columns = 120, rows = Math.max(1, belt.num_slots);
+  const columns = belt.numColumns, rows = Math.max(1, belt.numSlots);
   const width = canvas.clientWidth || 960;
   const cellH = Math.max(3, Math.min(14, Math.floor(360 / rows)));
   canvas.width = width; canvas.height = rows * cellH;
@@ -99,7 +114,7 @@ function drawBelt(belt) {
   belt.steps.forEach((step, i) => {
     const x = (offset + i) * cellW;
     for (const [slot, req, kind] of step.cells) {
-      const h = hue(belt.requests[req]), y = slot * cellH;
+      const h = hue(req), y = slot * cellH;
       ctx.fillStyle = kind === KIND_PADDING ? "#b5b5b5" : `hsl(${h}, 65%, ${kind === KIND_DECODE ? 48 : 76}%)`;
       ctx.fillRect(x, y, Math.ceil(cellW), cellH - 1);
       if (kind !== KIND_DECODE) {          // stripes: prefill chunk, or a padded slot
@@ -115,19 +130,19 @@ function drawBelt(belt) {
   });
   canvas.dataset.steps = String(belt.steps.length);
   canvas.dataset.busyCells = String(busy);
-  lastBelt = { belt, cellW, cellH, offset };
+  lastBelt = { cellW, cellH, offset };
 }
 
 function hoverBelt(event) {
   if (!lastBelt) return;
-  const { belt, cellW, cellH, offset } = lastBelt;
+  const { cellW, cellH, offset } = lastBelt;
   const rect = event.target.getBoundingClientRect();
   const col = Math.floor((event.clientX - rect.left) / cellW) - offset;
   const slot = Math.floor((event.clientY - rect.top) / cellH);
   const step = belt.steps[col];
   const cell = step && step.cells.find(c => c[0] === slot);
   $("belt-hover").textContent = cell ?
-    `slot ${slot}, step ${step.step} (${fmt(step.ms)} ms): ${belt.requests[cell[1]]} ${belt.kinds[cell[2]]}` :
+    `slot ${slot}, step ${step.step} (${fmt(step.ms)} ms): ${cell[1]} ${belt.kinds[cell[2]]}` :
     (step ? `slot ${slot}, step ${step.step}: empty` : "");
 }
 
@@ -152,7 +167,8 @@ function onFrame(event) {
   const frame = JSON.parse(event.data);
   renderNumbers(frame);
   renderBatch(frame);
-  drawBelt(frame.belt);
+  mergeBelt(frame.belt);
+  drawBelt();
   drawHistory(frame.tokens_per_s.out);
 }
 
