@@ -70,7 +70,8 @@ def test_continuous_belt_shows_chunks_decodes_joins_and_tenants():
     assert by_rid["long"][-1] == DECODE and by_rid["long"].count(DECODE) == 2
     belt = belt_json(feed.belt(), feed.num_slots)
     assert belt["num_slots"] == 2 and set(belt["requests"]) == {"long", "short"}
-    assert all(0 <= slot < 2 and kind in (0, 1, 2) for s in belt["steps"] for slot, _, kind in s["cells"])
+    cells = [cell for s in belt["steps"] for cell in s["cells"]]
+    assert all(0 <= slot < 2 and kind in (0, 1, 2) for slot, _, kind in cells)
     assert [r.step_index for r in feed.belt(after_step=2)] == list(range(3, feed.totals.num_steps))
     shares = tenant_shares(feed.window(core.clock())[0])
     assert {s["tenant"] for s in shares} == {"A", "B"}

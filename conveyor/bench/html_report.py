@@ -17,7 +17,8 @@ from conveyor.bench.console import (GROUP_COLUMNS, GROUP_TITLE, engine_line, gro
                                     run_columns, scenario_lines)
 from conveyor.bench.report import BASELINE
 
-_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#1d232b}
+_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px}
+body{color:#1d232b}
 table{border-collapse:collapse;margin:.5em 0 1.2em;font-variant-numeric:tabular-nums}
 th,td{border-bottom:1px solid #e3e6ea;padding:.25em .6em;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f3f5f7}

@@ -17,6 +17,7 @@ import math
 import os
 
 from conveyor.cli.args import add_engine_args, engine_kwargs
+from conveyor.cli.price import add_price_arg
 
 logger = logging.getLogger("conveyor.bench")
 
@@ -105,7 +106,7 @@ def _add_scenario_parsers(bench_sub) -> None:
         g.add_argument("--output-dir", default=None, help="default bench-results/scenario-<name>-<date>")
         g.add_argument("--no-plots", action="store_true")
         g.add_argument("--no-progress", action="store_true")
-        _add_price_arg(g)
+        add_price_arg(g)
         add_engine_args(p)
         p.set_defaults(func=run_scenario_cmd, **_SCENARIO_ENGINE_DEFAULTS)
 
@@ -131,23 +132,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
-    _add_price_arg(g)
-
-
-def _add_price_arg(g) -> None:
-    g.add_argument("--price-per-hour", type=_price, default=None, metavar="USD",
-                   help="the machine's price per hour: every run's cost in dollars and per 1M "
-                        "output / total tokens goes into the report")
-
-
-def _price(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of USD, got {text!r}")
-    return value
+    add_price_arg(g)
 
 
 def build_workload(args, tokenizer):

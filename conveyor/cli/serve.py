@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conveyor.cli.args import add_engine_args, parse_bytes
+from conveyor.cli.price import add_price_arg
 from conveyor.tools.formats import FORMATS
 
 
@@ -55,9 +56,7 @@ def add_parser(sub) -> None:
     g.add_argument("--tool-call-parser", default=None, choices=sorted(FORMATS),
                    help="how the model writes tool calls (vLLM's names); default: the format "
                         "the chat template was written for, else hermes")
-    g.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
-                   help="the machine's price per hour: /metrics and /dashboard show the cost "
-                        "per 1M output and per 1M total tokens (default: no cost shown)")
+    add_price_arg(g, "serve")
     add_engine_args(p)
     p.set_defaults(func=run)
 
