@@ -74,9 +74,13 @@ def test_a_frame_after_requests_has_belt_tokens_latency_and_cost(engine):
                 "ignore_eos": True}
         done = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(3)))
         assert all(d.status_code == 200 for d in done)
-        return (await client.get("/dashboard/frame")).json(), (await client.get("/metrics")).text
+        prompt_tokens = sum(d.json()["usage"]["prompt_tokens"] for d in done)
+        frame = (await client.get("/dashboard/frame")).json()
+        return frame, (await client.get("/metrics")).text, prompt_tokens
 
-    frame, metrics = asyncio.run(_serve(app, scenario))
+    frame, metrics, prompt_tokens = asyncio.run(_serve(app, scenario))
+    recent = app.state.conveyor.metrics.recent
+    assert (recent.num_generated_tokens, recent.num_prompt_tokens) == (18, prompt_tokens)
     assert frame["status"] == "ok" and frame["num_running"] == 0 and frame["num_waiting"] == 0
     belt = frame["belt"]
     assert belt["num_slots"] == 4 and len(belt["requests"]) == 3
@@ -84,7 +88,7 @@ def test_a_frame_after_requests_has_belt_tokens_latency_and_cost(engine):
     assert kinds == {"prefill", "decode"}              # continuous batching: no padding
     decodes = sum(belt["kinds"][k] == "decode" for s in belt["steps"] for _, _, k in s["cells"])
     assert decodes == 3 * 5                            # 6 tokens: 1 from the prefill, 5 decodes
-    assert frame["tokens_per_s"]["out"] == pytest.approx(18 / 5.0)   # 18 tokens, 5 s window
+    assert 0 < frame["tokens_per_s"]["out"] <= 18 / 5.0     # at most 18 tokens in the 5 s window
     assert frame["ttft_ms"]["p50"] > 0 and frame["itl_ms"]["p99"] >= frame["itl_ms"]["p50"]
     assert frame["kv"]["live"] == 0 and frame["kv"]["total"] == frame["kv"]["free"] + \
         frame["kv"]["cached"]
