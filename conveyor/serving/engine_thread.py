@@ -13,6 +13,8 @@ Owns the command inbox (event loop -> thread), the step loop, and the hand-back 
   their deltas are what is new since the request's previous output and their cumulative lists
   are O(1) views that never change, so hand-back costs O(new tokens) and the loop side never sees
   an object this thread will change again.
+- After every ``step()`` the observer's ``on_step(engine, started, finished)`` runs here (the
+  belt feed of /metrics and /dashboard, O(batch slots)); its failure is logged, never fatal.
 - Heartbeat: ``last_beat`` is set whenever the thread takes commands and after every iteration;
   ``stall_seconds()`` is how long there has been work (a live request, or a command not yet
   taken) without either, which is what the watchdog reports.
