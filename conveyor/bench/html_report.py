@@ -17,13 +17,13 @@ from conveyor.bench.console import (GROUP_COLUMNS, GROUP_TITLE, engine_line, gro
                                     run_columns, scenario_lines)
 from conveyor.bench.report import BASELINE
 
-_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px}
+_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em}
 body{color:#1d232b}
 table{border-collapse:collapse;margin:.5em 0 1.2em;font-variant-numeric:tabular-nums}
 th,td{border-bottom:1px solid #e3e6ea;padding:.25em .6em;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f3f5f7}
 .meta{color:#56606b}code{background:#f3f5f7;padding:0 .3em}img{max-width:100%;margin:.5em 0}
-h2{margin-top:1.4em;font-size:1.15em}"""
+h2{margin-top:1.4em;font-size:1.15em}.scroll{overflow-x:auto}"""
 
 
 def _e(value) -> str:
@@ -34,7 +34,8 @@ def _table(columns, rows: list) -> str:
     head = "".join(f"<th>{_e(name)}</th>" for name, _ in columns)
     body = "".join("<tr>" + "".join(f"<td>{_e(get(r))}</td>" for _, get in columns) + "</tr>"
                    for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 def _economics(runs: list[dict]) -> list[str]:
