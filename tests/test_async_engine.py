@@ -108,6 +108,9 @@ class FinishRecorder:
     def on_outputs(self, outputs, now):
         self.finished.update((o.request_id, o) for o in outputs if o.finished)
 
+    def on_step(self, engine, started, finished):
+        pass
+
 
 def test_stream_deltas_add_up_and_leaving_a_stream_aborts_it(engine):
     recorder = FinishRecorder()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_equivalence import TEXT, _check_engine_matches_hf
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 from test_equivalence import _check_engine_matches_hf, _tiny_common
 
 WINDOW = 8

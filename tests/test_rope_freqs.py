@@ -12,7 +12,7 @@ import torch
 
 from conftest import hf_greedy, run_engine
 from conveyor.sampling_params import SamplingParams
-from conveyor.serving.engine import LLMEngine
+from conveyor.engine.llm_engine import LLMEngine
 from gguf_files import llama3_rope_factors, write_llama_gguf
 from test_equivalence import _check_engine_matches_hf, _tiny_common
 

@@ -40,9 +40,22 @@ _COLUMNS = (
     ("KV", lambda e: _fmt((e["batch"] or {}).get("mean_kv_usage"), 2)),
     ("x static", lambda e: _fmt((e.get(f"vs_{BASELINE}") or {}).get("output_throughput"), 2)),
 )
+# With --price-per-hour: what each run's tokens cost on that machine.
+_COST_COLUMNS = (
+    ("$ run", lambda e: _fmt(e["cost"]["usd"], 4)),
+    ("$/1M out", lambda e: _fmt(e["cost"]["usd_per_million_output_tokens"], 2)),
+    ("$/1M tok", lambda e: _fmt(e["cost"]["usd_per_million_total_tokens"], 2)),
+)
+
+
+def run_columns(report: dict) -> tuple:
+    """The columns of the run table: the cost ones only when the report has a price."""
+    priced = any(e.get("cost") for e in report["runs"])
+    return _COLUMNS + _COST_COLUMNS if priced else _COLUMNS
 
 # Rows of the group table are {"label", "group", "summary"}.
-_GROUP_COLUMNS = (
+GROUP_TITLE = "per group (out tok/s over the whole run):"
+GROUP_COLUMNS = (
     ("run", lambda g: g["label"]),
     ("group", lambda g: g["group"]),
     ("ok/n", lambda g: f"{g['summary']['completed']}/{g['summary']['num_requests']}"),
@@ -107,14 +120,15 @@ def scenario_lines(scenario: dict | None) -> list[str]:
 
 def format_table(report: dict) -> str:
     """The console summary: a header block, one row per run (``x static`` = output tok/s ratio),
-    then per-group rows, engine counters and scenario findings where present."""
+    then per-group rows, engine counters and scenario findings where present; with a price, the
+    run table ends with each run's dollars and dollars per 1M output / total tokens."""
     meta = report["meta"]
     head = [f"conveyor bench {meta['mode']}  ({meta['date']}, conveyor {meta['conveyor_version']})",
             f"command:  {meta['command']}", f"platform: {meta['platform']}"]
-    lines = head + [""] + render_table(_COLUMNS, report["runs"])
+    lines = head + [""] + render_table(run_columns(report), report["runs"])
     groups = group_rows(report["runs"])
     if groups:
-        lines += ["", "per group (out tok/s over the whole run):"] + render_table(_GROUP_COLUMNS, groups)
+        lines += ["", GROUP_TITLE] + render_table(GROUP_COLUMNS, groups)
     engine = [line for line in map(engine_line, report["runs"]) if line]
     lines += [""] + engine if engine else []
     scenario = scenario_lines(report.get("scenario"))

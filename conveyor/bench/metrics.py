@@ -13,7 +13,8 @@ Owns the arithmetic only (no I/O). Definitions, as in vLLM's ``bench serve``:
 
 Batch metrics come from the engine's step log (in-process runs only):
 
-- slot utilization: mean over steps of (requests computing real tokens) / max_num_seqs.
+- slot utilization: mean over steps of (requests computing real tokens) / max_num_seqs
+  (``conveyor.metrics.batch_usage``, the rule the server's /metrics uses too).
 - padding tokens: compute the policy spent on padding (static/dynamic batches), as the engine counts it.
 - straggler slot-steps: steps x slots held by a request doing no useful work (a finished member
   waiting for the batch's longest request); empty slot-steps: slots nobody held.
@@ -28,6 +29,7 @@ import numpy as np
 
 from conveyor.bench.records import RequestRecord, StepSample
 from conveyor.bench.workloads import WorkloadError
+from conveyor.metrics.batch_usage import slot_counts
 
 SLO_KEYS = ("ttft", "tpot", "e2e", "itl")
 GROUP_KEYS = ("tenant", "priority")     # RequestRecord fields a run is broken down by
@@ -166,10 +168,11 @@ def summarize_steps(steps: list[StepSample]) -> BatchSummary | None:
         return None
     util, straggler, empty = [], 0, 0
     for s in steps:
-        useful = set(s.useful_ids)
-        util.append(len(useful) / s.max_num_seqs)
-        straggler += sum(1 for rid in s.slot_of if rid not in useful)
-        empty += max(0, s.max_num_seqs - len(s.slot_of))
+        num_useful, num_held_idle, num_empty = slot_counts(s.max_num_seqs, s.slot_of,
+                                                           set(s.useful_ids))
+        util.append(num_useful / s.max_num_seqs)
+        straggler += num_held_idle
+        empty += num_empty
     real = sum(s.num_scheduled_tokens for s in steps)
     padding = sum(s.num_padding_tokens for s in steps)
     waiting = [s.num_waiting for s in steps]

@@ -18,6 +18,7 @@ import sys
 
 from conveyor.bench.metrics import ratio, summarize, summarize_groups, summarize_steps
 from conveyor.bench.offline import RunResult
+from conveyor.metrics.windows import cost_per_million
 
 SCHEMA = "conveyor.bench.report/1"
 BASELINE = "static"
@@ -32,6 +33,7 @@ RATIO_KEYS = (
     ("e2e_p50", ("summary", "e2e_ms", "p50")),
     ("e2e_p99", ("summary", "e2e_ms", "p99")),
     ("slot_utilization", ("batch", "slot_utilization")),
+    ("usd_per_million_output_tokens", ("cost", "usd_per_million_output_tokens")),
 )
 
 
@@ -53,9 +55,26 @@ def report_meta(mode: str, workload_spec: dict, argv: list[str] | None = None, *
             "workload": workload_spec, **extra}
 
 
-def run_entry(run: RunResult, slos: dict[str, float] | None = None) -> dict:
+def cost_entry(summary, price_per_hour: float | None) -> dict | None:
+    """What the run cost on a machine at ``price_per_hour`` USD (None without a price): the
+    machine's dollars over the run's duration, and per 1M output / total tokens."""
+    if price_per_hour is None:
+        return None
+    tokens_out = summary.total_output_tokens
+    tokens_all = tokens_out + summary.total_input_tokens
+    return {"price_per_hour": price_per_hour,
+            "usd": price_per_hour * summary.duration_s / 3600.0,
+            "usd_per_million_output_tokens": cost_per_million(price_per_hour, summary.duration_s,
+                                                              tokens_out),
+            "usd_per_million_total_tokens": cost_per_million(price_per_hour, summary.duration_s,
+                                                             tokens_all)}
+
+
+def run_entry(run: RunResult, slos: dict[str, float] | None = None,
+              price_per_hour: float | None = None) -> dict:
     """One run's section of the report: summary, per-group summaries, batch metrics (or None),
-    engine counters (in-process; else None), cached prompt tokens, and per-request rows."""
+    engine counters (in-process; else None), cached prompt tokens, the cost (with a price;
+    else None), and per-request rows."""
     batch = summarize_steps(run.steps)
     summary = summarize(run.records, slos)
     groups = summarize_groups(run.records, slos, summary.duration_s)
@@ -72,6 +91,7 @@ def run_entry(run: RunResult, slos: dict[str, float] | None = None) -> dict:
         "preemptions_by_mode": stats.get("preemptions_by_mode"),
         "spec_decode": stats.get("spec_decode"),
         "cached_tokens": sum(cached) if cached else None,
+        "cost": cost_entry(summary, price_per_hour),
         "requests": [_request_row(r) for r in run.records],
     }
 

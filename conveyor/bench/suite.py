@@ -2,7 +2,8 @@
 
 Owns ``conveyor bench compare``'s policy matrix (``compare_variants``), the KV budget arithmetic
 (``kv_budget_blocks``), running variants x request rates in-process (one engine per variant,
-loaded, warmed up, then freed), and writing a report directory: ``report.json``, latency CDFs,
+loaded, warmed up, then freed), and writing a report directory: ``report.json``, ``report.html``
+(the same tables and plots, self-contained), latency CDFs,
 throughput versus rate (sweeps), and one batch timeline per run that has a step log.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from conveyor.bench.arrivals import ArrivalProcess, with_arrivals
+from conveyor.bench.html_report import write_html
 from conveyor.bench.offline import RunResult, run_offline, warm_up
 from conveyor.bench.plots import plot_latency_cdfs, plot_throughput_vs_rate, plot_timeline
 from conveyor.bench.report import add_ratios, build_report, run_entry, write_json
@@ -132,16 +134,19 @@ def run_name(run: RunResult, many_rates: bool) -> str:
 
 
 def write_outputs(meta: dict, runs: list[RunResult], out_dir: str, slos: dict | None = None,
-                  plots: bool = True, scenario: dict | None = None) -> dict:
-    """Build the report (with ratios to static when a static run exists, and a scenario's
-    findings when given), draw the plots into ``out_dir``, write ``out_dir/report.json``;
-    returns the report. A scenario's runs are side by side, never a rate sweep."""
+                  plots: bool = True, scenario: dict | None = None,
+                  price_per_hour: float | None = None) -> dict:
+    """Build the report (with ratios to static when a static run exists, a scenario's
+    findings when given, each run's cost with ``price_per_hour``), draw the plots into
+    ``out_dir``, write ``out_dir/report.json`` and ``out_dir/report.html``; returns the report.
+    A scenario's runs are side by side, never a rate sweep."""
     os.makedirs(out_dir, exist_ok=True)
-    entries = [run_entry(run, slos) for run in runs]
+    entries = [run_entry(run, slos, price_per_hour) for run in runs]
     add_ratios(entries)
     paths = _draw(runs, entries, out_dir, sweep=scenario is None) if plots else []
     report = build_report(meta, entries, paths, scenario)
     write_json(report, os.path.join(out_dir, "report.json"))
+    write_html(report, os.path.join(out_dir, "report.html"))
     return report
 
 

@@ -2,8 +2,8 @@
 workload, or soak a running server.
 
 Thin: turns flags into a workload, an arrival process and engine keyword arguments (or a
-scenario's parameters), then calls ``conveyor.bench``. Every run writes ``report.json`` and PNG
-plots into ``--output-dir`` and prints a table; ``soak`` writes ``soak.json`` and exits 1 when a
+scenario's parameters), then calls ``conveyor.bench``. Every run writes ``report.json``,
+``report.html`` and PNG plots into ``--output-dir`` and prints a table; ``soak`` writes ``soak.json`` and exits 1 when a
 check fails. See docs/bench.md.
 """
 
@@ -17,6 +17,7 @@ import math
 import os
 
 from conveyor.cli.args import add_engine_args, engine_kwargs
+from conveyor.cli.price import add_price_arg
 
 logger = logging.getLogger("conveyor.bench")
 
@@ -105,6 +106,7 @@ def _add_scenario_parsers(bench_sub) -> None:
         g.add_argument("--output-dir", default=None, help="default bench-results/scenario-<name>-<date>")
         g.add_argument("--no-plots", action="store_true")
         g.add_argument("--no-progress", action="store_true")
+        add_price_arg(g)
         add_engine_args(p)
         p.set_defaults(func=run_scenario_cmd, **_SCENARIO_ENGINE_DEFAULTS)
 
@@ -131,6 +133,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
+    add_price_arg(g)
 
 
 def build_workload(args, tokenizer):
@@ -193,9 +196,10 @@ def _finish(meta: dict, runs, args, mode: str, scenario: dict | None = None) -> 
     from conveyor.bench.suite import write_outputs
     out_dir = _out_dir(args, mode)
     report = write_outputs(meta, runs, out_dir, parse_slos(getattr(args, "goodput", None)),
-                           plots=not args.no_plots, scenario=scenario)
+                           plots=not args.no_plots, scenario=scenario,
+                           price_per_hour=args.price_per_hour)
     print(format_table(report))
-    print(f"report: {os.path.join(out_dir, 'report.json')}")
+    print(f"report: {os.path.join(out_dir, 'report.json')} (and report.html)")
     return 0
 
 

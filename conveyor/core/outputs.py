@@ -159,6 +159,8 @@ class StepStats:
     target_step_s: float | None = None
     prefill_budget_tokens: int = 0
     predicted_step_s: float = 0.0
+    decode_request_ids: list[str] = field(default_factory=list)  # of which decoded (1 new token)
+    tenant_slots: dict[str, int] = field(default_factory=dict)   # computing requests per tenant
 
     @classmethod
     def of_step(cls, out: "SchedulerOutput", requests: dict, num_running: int, num_waiting: int,
@@ -170,11 +172,16 @@ class StepStats:
             req = requests[rid]
             return n == 1 + len(out.scheduled_spec_tokens.get(rid, ())) and \
                 req.num_computed_tokens >= req.num_prompt_tokens and req.num_output_tokens > 0
-        decode = sum(n for rid, n in out.num_scheduled_tokens.items() if is_decode(rid, n))
+        decode_ids = [rid for rid, n in out.num_scheduled_tokens.items() if is_decode(rid, n)]
+        decode = sum(out.num_scheduled_tokens[rid] for rid in decode_ids)
+        tenants: dict[str, int] = {}
+        for rid in out.num_scheduled_tokens:
+            tenants[requests[rid].tenant] = tenants.get(requests[rid].tenant, 0) + 1
         return cls(max_num_seqs=max_num_seqs, num_running=num_running, num_waiting=num_waiting,
                    num_scheduled_tokens=out.total_num_scheduled_tokens,
                    num_prefill_tokens=out.total_num_scheduled_tokens - decode,
                    num_decode_tokens=decode, num_padding_tokens=out.num_padding_tokens,
                    num_new_admissions=num_admitted, num_preemptions=num_preempted,
                    kv_usage=kv_usage, slot_of=dict(slot_of),
-                   useful_request_ids=list(out.num_scheduled_tokens))
+                   useful_request_ids=list(out.num_scheduled_tokens),
+                   decode_request_ids=decode_ids, tenant_slots=tenants)

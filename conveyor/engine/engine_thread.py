@@ -13,6 +13,8 @@ Owns the command inbox (event loop -> thread), the step loop, and the hand-back 
   their deltas are what is new since the request's previous output and their cumulative lists
   are O(1) views that never change, so hand-back costs O(new tokens) and the loop side never sees
   an object this thread will change again.
+- After every ``step()`` the observer's ``on_step(engine, started, finished)`` runs here (the
+  belt feed of /metrics and /dashboard, O(batch slots)); its failure is logged, never fatal.
 - Heartbeat: ``last_beat`` is set whenever the thread takes commands and after every iteration;
   ``stall_seconds()`` is how long there has been work (a live request, or a command not yet
   taken) without either, which is what the watchdog reports.
@@ -49,6 +51,9 @@ class OutputObserver(Protocol):
     """Sees every batch of outputs on the engine thread (metrics); must be quick and not raise."""
 
     def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
+
+    def on_step(self, engine: Any, started: float, finished: float) -> None:
+        """After every ``engine.step()`` (the dashboard's belt); O(batch slots)."""
 
 
 @dataclass(slots=True)
@@ -205,7 +210,9 @@ class EngineThread:
                         outputs += self.engine.abort_request(request_id)
                 stepped = not batch.stop and self.engine.has_unfinished_requests()
                 if stepped:
+                    started = time.monotonic()
                     outputs += self.engine.step()
+                    self._observe_step(started)
                 self._hand_back(outputs)
                 if stepped:
                     stalled = self.snapshot.last_step_num_scheduled_tokens == 0
@@ -227,6 +234,13 @@ class EngineThread:
             return
         self._live[cmd.request_id] = cmd.params.n
         cmd.on_added(None)
+
+    def _observe_step(self, started: float) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.on_step(self.engine, started, time.monotonic())
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("step observer failed")
 
     def _hand_back(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -54,6 +54,7 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer.hf, self.model.config.vocab_size,
                                                   self.eos_token_ids)
         self._ids = itertools.count()
+        self.last_step_stats: StepStats | None = None     # the latest step()'s stats (data)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; "
                     "max_num_seqs %d; max_num_batched_tokens %d", parts.num_blocks, bs,
                     parts.num_blocks * bs, self.max_model_len, sc.max_num_seqs,
@@ -114,6 +115,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns outputs of requests that progressed or finished."""
         core_outputs = self.core.step()
+        self.last_step_stats = core_outputs.stats
         return self.output_processor.process(core_outputs)
 
     def stats(self) -> EngineStats:

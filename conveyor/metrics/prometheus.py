@@ -25,6 +25,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from conveyor.metrics.step_cost import StepCostCollector
+from conveyor.metrics.belt import BeltFeed
+from conveyor.metrics.belt_collector import BeltCollector
+from conveyor.metrics.windows import RecentOutputs
 
 PREFIX = "conveyor:"
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -135,10 +138,13 @@ def _spec_decode_families(num_drafts: int, num_draft_tokens: int, num_accepted: 
 
 
 class ServingMetrics:
-    """Prometheus metrics of one server; ``render()`` gives the text exposition format."""
+    """Prometheus metrics of one server; ``render()`` gives the text exposition format.
+    ``belt`` (every step's slots) and ``recent`` (the last minute of outputs) feed the
+    dashboard and the batch-usage and cost metrics (``belt_collector``)."""
 
     def __init__(self, read_snapshot: Callable[[], Snapshot | None],
-                 read_watchdog: Callable[[], Watchdog | None] | None = None):
+                 read_watchdog: Callable[[], Watchdog | None] | None = None,
+                 price_per_hour: float | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled.", registry=r)
@@ -162,6 +168,9 @@ class ServingMetrics:
         ProcessCollector(registry=r)     # process_resident_memory_bytes & co., as vLLM exposes
         if read_watchdog is not None:
             r.register(_WatchdogCollector(read_watchdog))
+        self.belt, self.recent, self.price_per_hour = BeltFeed(), RecentOutputs(), price_per_hour
+        r.register(BeltCollector(self.belt, self.recent, price_per_hour))
+        self.on_step = self.belt.on_step       # the engine thread calls it after every step
         self._last_output_time: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -179,11 +188,15 @@ class ServingMetrics:
         last = self._last_output_time.get(out.request_id)
         if num_new:
             self.generation_tokens.inc(num_new)
+            self.recent.generated(now, num_new)
             if last is None:
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
                 self.ttft.observe(max(0.0, now - out.metrics.arrival_time))
+                self.recent.first_token(now, max(0.0, now - out.metrics.arrival_time),
+                                        len(out.prompt_token_ids))
             else:
                 self.itl.observe(max(0.0, now - last))
+                self.recent.next_token(now, max(0.0, now - last))
             self._last_output_time[out.request_id] = now
         if not out.finished:
             return

@@ -6,7 +6,9 @@ serves it with uvicorn and implements graceful shutdown. Never imports ``conveyo
 hands over its parsed flags. Invariants:
 
 - Every route except ``api_docs.PUBLIC_PATHS`` (``/health``, ``/openapi.json``, ``/docs``)
-  requires a configured API key (``server.auth``: compared in constant time against every key);
+  requires a configured API key (``server.auth``: compared in constant time against every key),
+  sent as ``Bearer <key>`` or as the password of HTTP Basic credentials (what a browser sends for
+  ``/dashboard`` once its 401 asked for them);
   the key's identity (tenant, trusted, min_priority) travels in ``scope["state"]["identity"]``.
 - On the first SIGTERM/SIGINT new requests get 503 while in-flight ones may finish for
   ``shutdown_timeout`` seconds; the rest are aborted ("abort"), then the process exits 0 (1 when
@@ -39,6 +41,7 @@ from conveyor.server.app_state import AppState, ServerConfig
 from conveyor.engine.async_engine import AsyncEngine
 from conveyor.server.auth import ANONYMOUS, exposure_warning
 from conveyor.server.connection_guard import ConnectionLimits
+from conveyor.server.dashboard import add_dashboard_routes, basic_key, challenge_headers
 from conveyor.server.http_errors import error_response, install_error_handlers
 from conveyor.server.lifecycle import build_server, exit_now
 from conveyor.server.openai_routes import add_openai_routes
@@ -60,7 +63,7 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     """
     state = AppState(config, RequestLimits(max_n=config.max_n))
     state.metrics = ServingMetrics(lambda: state.engine.snapshot if state.engine else None,
-                                   lambda: state.engine)
+                                   lambda: state.engine, config.price_per_hour)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -78,6 +81,7 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     install_error_handlers(app)
     add_openai_routes(app)
     add_utility_routes(app)
+    add_dashboard_routes(app)
     add_api_docs(app, has_api_keys=bool(config.api_keys), model_name=lambda: state.model_name)
     app.add_middleware(GuardMiddleware, state=state)
     return app
@@ -190,7 +194,8 @@ class GuardMiddleware:
             identity = self.state.key_ring.authenticate(_bearer_token(scope))
             if identity is None:
                 response = error_response(401, "missing or wrong API key; send 'Authorization: "
-                                               "Bearer <key>'", code="invalid_api_key")
+                                               "Bearer <key>'", code="invalid_api_key",
+                                          headers=challenge_headers(scope["path"]))
                 return await response(scope, receive, send)
         scope.setdefault("state", {})["identity"] = identity     # read by request_identity
         if self.state.draining and scope["path"] != "/metrics":
@@ -204,6 +209,8 @@ def _bearer_token(scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "basic":             # a browser on /dashboard (see dashboard)
+                return basic_key(token.strip())
             return token.strip() if scheme.lower() == "bearer" else None
     return None
 

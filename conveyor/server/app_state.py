@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from fastapi import Request
 
+from conveyor.errors import InvalidRequestError
+
 from conveyor.metrics.prometheus import ServingMetrics
 from conveyor.server.admission import check_prompt_chars
 from conveyor.engine.async_engine import AsyncEngine

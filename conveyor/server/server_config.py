@@ -74,6 +74,11 @@ class ServerConfig:
     body_timeout: float = opt(30.0, "seconds a client gets to send a request body after its head",
                               gt=0)
 
+    price_per_hour: float | None = opt(
+        None, "the machine's price per hour in USD: /metrics and /dashboard show the cost per 1M "
+              "output and per 1M total tokens (default: no cost shown)", metavar="USD", gt=0,
+        max=1e9)
+
     def __post_init__(self) -> None:
         check_fields(self)
         for name in ("host", "served_model_name"):
