@@ -11,6 +11,7 @@ under the field's name. ``field(metadata=...)`` keys:
 - ``parse``: ``str -> value`` for the field's element (sizes such as ``4GiB``, ``KEY=VALUE``
   pairs); it raises ``argparse.ArgumentTypeError`` with a one-line message;
 - ``repeat``: the flag may be given several times; the field gets a tuple of the values;
+- ``nargs``: the flag takes several values at once (``"+"``); the field gets a tuple of them;
 - ``choices``: the accepted values where they are a registry's names rather than a ``Literal``;
 - ``metavar``; ``show_default``: how the default reads in the help (e.g. ``"1GiB"``);
 - ``flag``: False for a field set only programmatically (the engine's ``record_steps``).
@@ -136,6 +137,8 @@ def config_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, spec.field)
         if spec.kwargs.get("action") == "append":     # repeated: a tuple; never given: the default
             value = spec.default if value is None else tuple(value)
+        elif "nargs" in spec.kwargs and value is not None:
+            value = tuple(value)
         values[spec.field] = value
     return values
 
@@ -175,6 +178,8 @@ def _spec(f: dataclasses.Field, hint: Any) -> FlagSpec:
             kwargs["choices"] = [c for c in choices if c is not None]
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
+        if "nargs" in meta:
+            kwargs["nargs"] = meta["nargs"]
     return FlagSpec(f.name, names, kwargs, negative, choices, f.default)
 
 

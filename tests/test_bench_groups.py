@@ -68,7 +68,7 @@ def test_engine_counters_and_their_delta():
     sched.num_preemptions_by_mode["swap"] = 2
     delta = counters_delta(before, engine_counters(engine))
     assert delta == {"prefix_cache": {"queries": 200, "hits": 60, "hit_rate": pytest.approx(0.3)},
-                     "preemptions_by_mode": {"recompute": 0, "swap": 2}}
+                     "preemptions_by_mode": {"recompute": 0, "swap": 2}, "spec_decode": None}
     assert before["by_mode"] == {"recompute": 1, "swap": 0}        # a copy, not the live dict
     assert engine_counters(SimpleNamespace()) is None
     assert counters_delta(None, before) is None

@@ -9,7 +9,6 @@ check fails. See docs/bench.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import logging
@@ -17,7 +16,9 @@ import math
 import os
 
 from conveyor.cli.args import add_engine_args, engine_kwargs
-from conveyor.cli.price import add_price_arg
+from conveyor.bench.options import (BENCH_OPTIONS, ReportOptions, ScenarioOptions, SoakOptions,
+                                     options_from)
+from conveyor.config_flags import add_config_flags
 
 logger = logging.getLogger("conveyor.bench")
 
@@ -25,64 +26,28 @@ logger = logging.getLogger("conveyor.bench")
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark batching policies in-process or over HTTP")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
-
-    off = bench_sub.add_parser("offline", help="drive conveyor's engine in-process")
-    _add_workload_args(off)
-    add_engine_args(off)
-    off.set_defaults(func=run_offline_cmd)
-
-    srv = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server over HTTP")
-    srv.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
-    srv.add_argument("--model", default=None, help="model name to send (default: first of GET /v1/models)")
-    srv.add_argument("--tokenizer", default=None,
-                     help="HF directory or .gguf to build prompts and count tokens with "
-                          "(default: conveyor's default model; 'none' sends token ids)")
-    srv.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    srv.add_argument("--api-key", default=None)
-    srv.add_argument("--send-token-ids", action="store_true",
-                     help="send prompts as token id lists (exact lengths; the server must accept them)")
-    srv.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout in seconds")
-    _add_workload_args(srv)
-    srv.set_defaults(func=run_serve_cmd)
-
-    cmp = bench_sub.add_parser("compare", help="no batching vs static vs dynamic vs continuous, "
-                                               "and reservation vs paged KV, on one workload")
-    cmp.add_argument("--kv-budget-requests", type=int, default=8,
-                     help="KV pool for the reservation/paged pair: this many worst-case requests")
-    cmp.add_argument("--policies", default=None,
-                     help="comma-separated subset of: no-batching,static,dynamic,continuous,"
-                          "continuous+reservation,continuous+paged")
-    _add_workload_args(cmp)
-    add_engine_args(cmp)
-    cmp.set_defaults(func=run_compare_cmd)
+    helps = {"offline": "drive conveyor's engine in-process",
+             "serve": "load-test any OpenAI-compatible server over HTTP",
+             "compare": "no batching vs static vs dynamic vs continuous, and reservation vs "
+                        "paged KV, on one workload"}
+    runs = {"offline": run_offline_cmd, "serve": run_serve_cmd, "compare": run_compare_cmd}
+    for name, run in runs.items():
+        cmd = bench_sub.add_parser(name, help=helps[name])
+        _add_options(cmd, name)
+        if name != "serve":
+            add_engine_args(cmd)
+        cmd.set_defaults(func=run)
     _add_scenario_parsers(bench_sub)
-    _add_soak_parser(bench_sub)
+    soak = bench_sub.add_parser("soak", help="valid, invalid, cancelled and slow clients against "
+                                             "a server on this machine; checks it comes through whole")
+    _add_options(soak, "soak")
+    soak.set_defaults(func=run_soak_cmd)
 
 
-def _add_soak_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("soak", help="valid, invalid, cancelled and slow clients against a "
-                                          "server on this machine; checks it comes through whole")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="loopback server root")
-    p.add_argument("--duration", default="20m", help="90, 90s, 20m, 1h (after the warm-up)")
-    p.add_argument("--warmup", default=None,
-                   help="at least this long (default: a tenth of --duration, 5 s to 120 s), "
-                        "then until RSS settles")
-    p.add_argument("--max-warmup", default=None,
-                   help="at most this long (default: a quarter of --duration)")
-    p.add_argument("--concurrency", type=int, default=8, help="clients, one request at a time each")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--model", default=None, help="default: first of GET /v1/models")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="read RSS from /proc (default: /metrics process_resident_memory_bytes)")
-    p.add_argument("--max-requests", type=int, default=200_000, help="stop after this many")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                   help="the server's body cap (oversize clients send a bit more)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request limit in seconds")
-    p.add_argument("--rss-tolerance", type=float, default=0.10,
-                   help="allowed RSS growth after the warm-up (0.10 = 10%%)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None, help="default bench-results/soak-<date>")
-    p.set_defaults(func=run_soak_cmd)
+def _add_options(p, command: str) -> None:
+    """``command``'s own flags, one per field of its option classes (``conveyor.bench.options``)."""
+    for cls, title in BENCH_OPTIONS[command]:
+        add_config_flags(p, cls, title)
 
 
 # Scenario runs default to a batch of 16 and a 1024-token context (a small KV cache per engine).
@@ -102,38 +67,10 @@ def _add_scenario_parsers(bench_sub) -> None:
             g.add_argument("--" + f.name.replace("_", "-"), dest=f"scn_{f.name}", default=None,
                            type=f.metadata.get("type", type(f.default)), metavar=f.name.upper(),
                            help=f.metadata["help"] + shown)
-        g.add_argument("--workload-seed", type=int, default=0)
-        g.add_argument("--output-dir", default=None, help="default bench-results/scenario-<name>-<date>")
-        g.add_argument("--no-plots", action="store_true")
-        g.add_argument("--no-progress", action="store_true")
-        add_price_arg(g)
+        add_config_flags(g, ScenarioOptions)
+        add_config_flags(p, ReportOptions, "report")
         add_engine_args(p)
         p.set_defaults(func=run_scenario_cmd, **_SCENARIO_ENGINE_DEFAULTS)
-
-
-def _add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--dataset", default=None, help="JSONL replay file or ShareGPT JSON (else synthetic)")
-    g.add_argument("--num-prompts", type=int, default=None, help="requests (default 64; a file: all)")
-    g.add_argument("--prompt-len", default="32,128,512",
-                   help="prompt tokens: 128 | uniform:32:512 | normal:128:32 | 32,128,512 | 32:1,512:3")
-    g.add_argument("--output-len", default=None,
-                   help="max_tokens, same syntax (default uniform:16:256); with --dataset, "
-                        "one number overriding the file's")
-    g.add_argument("--shared-prefix-len", type=int, default=None,
-                   help="every prompt starts with the same N-token system prompt; --prompt-len "
-                        "is then the question length")
-    g.add_argument("--request-rate", default=None,
-                   help="requests/s: inf (all at once, the default), 2.5, or a sweep 1,2,4,inf")
-    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps; 1 = Poisson")
-    g.add_argument("--workload-seed", type=int, default=0)
-    g.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000 itl:100 "
-                        "(itl: every inter-token gap of the request)")
-    g.add_argument("--output-dir", default=None, help="default bench-results/<mode>-<date>")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
-    add_price_arg(g)
 
 
 def build_workload(args, tokenizer):
@@ -196,7 +133,7 @@ def _finish(meta: dict, runs, args, mode: str, scenario: dict | None = None) -> 
     from conveyor.bench.suite import write_outputs
     out_dir = _out_dir(args, mode)
     report = write_outputs(meta, runs, out_dir, parse_slos(getattr(args, "goodput", None)),
-                           plots=not args.no_plots, scenario=scenario,
+                           plots=args.plots, scenario=scenario,
                            price_per_hour=args.price_per_hour)
     print(format_table(report))
     print(f"report: {os.path.join(out_dir, 'report.json')} (and report.html)")
@@ -215,11 +152,12 @@ def _engine_factory(args):
 def run_offline_cmd(args) -> int:
     from conveyor.bench.report import report_meta
     from conveyor.bench.suite import run_rates
+    options_from("offline", args)     # bounds, in one line
     kwargs = _bench_engine_kwargs(args)
     engine = _engine_factory(args)(kwargs)
     workload = build_workload(args, engine.tokenizer)
     runs = run_rates(engine, args.batching, kwargs, workload, rates_for(args, workload),
-                     args.burstiness, args.workload_seed, not args.no_progress)
+                     args.burstiness, args.workload_seed, args.progress)
     meta = report_meta("offline", workload.spec, engine=runs[0].config)
     return _finish(meta, runs, args, "offline")
 
@@ -227,6 +165,7 @@ def run_offline_cmd(args) -> int:
 def run_compare_cmd(args) -> int:
     from conveyor.bench.report import report_meta
     from conveyor.bench.suite import compare_variants, kv_budget_blocks, run_variants
+    options_from("compare", args)     # bounds, in one line
     workload = build_workload(args, _load_tokenizer(args.model))
     rates = rates_for(args, workload)
     kwargs = _bench_engine_kwargs(args)
@@ -237,7 +176,7 @@ def run_compare_cmd(args) -> int:
     only = [p.strip() for p in args.policies.split(",")] if args.policies else None
     variants = compare_variants(args.max_num_seqs, budget, roomy, args.batch_timeout_s, only)
     runs = run_variants(_engine_factory(args), kwargs, variants, workload, rates,
-                        args.burstiness, args.workload_seed, not args.no_progress)
+                        args.burstiness, args.workload_seed, args.progress)
     meta = report_meta("compare", workload.spec, engine=dict(kwargs),
                        kv_budget={"requests": args.kv_budget_requests, "num_blocks": budget,
                                   "block_size": bs, "worst_case_tokens": workload.max_request_tokens})
@@ -248,13 +187,14 @@ def run_serve_cmd(args) -> int:
     from conveyor.bench.http_client import run_http
     from conveyor.bench.report import report_meta
     from conveyor.bench.suite import workload_at
+    options_from("serve", args)     # bounds, in one line
     workload = build_workload(args, _serve_tokenizer(args.tokenizer))
     runs = []
     for rate in rates_for(args, workload):
         run = run_http(args.base_url, workload_at(workload, rate, args.burstiness, args.workload_seed),
                        model=args.model, label="serve", max_concurrency=args.max_concurrency,
                        api_key=args.api_key, send_token_ids=args.send_token_ids,
-                       progress=not args.no_progress, timeout_s=args.timeout)
+                       progress=args.progress, timeout_s=args.timeout)
         run.request_rate, run.burstiness = rate, None if rate is None else args.burstiness
         runs.append(run)
     meta = report_meta("serve", workload.spec, server={k: v for k, v in runs[0].config.items()})
@@ -266,11 +206,12 @@ def run_scenario_cmd(args) -> int:
     from conveyor.bench.scenarios.params import SCENARIO_PARAMS, params_from
     from conveyor.bench.scenarios.plan import ScenarioContext, run_scenario
     from conveyor.bench.suite import jsonable
+    options_from("scenario", args)     # bounds, in one line
     fields = dataclasses.fields(SCENARIO_PARAMS[args.scenario])
     params = params_from(args.scenario, {f.name: getattr(args, f"scn_{f.name}") for f in fields})
     kwargs = _bench_engine_kwargs(args)
     ctx = ScenarioContext(_engine_factory(args), kwargs, _load_tokenizer(args.model),
-                          args.workload_seed, not args.no_progress)
+                          args.workload_seed, args.progress)
     result = run_scenario(args.scenario, ctx, params)
     meta = report_meta("scenario", result.workload_spec, engine=jsonable(kwargs),
                        scenario=args.scenario)
@@ -282,13 +223,11 @@ def run_soak_cmd(args) -> int:
     """Exit 0 when every check passed, 1 otherwise; writes soak.json into the output directory."""
     import json
 
-    from conveyor.bench.soak import SoakConfig, format_report, parse_duration, run_soak
-    config = SoakConfig(args.base_url, parse_duration(args.duration), args.concurrency,
-                        parse_duration(args.warmup) if args.warmup else None,
-                        parse_duration(args.max_warmup) if args.max_warmup else None,
-                        args.api_key, args.model, args.server_pid, args.max_requests,
-                        args.max_body_bytes, args.timeout, rss_tolerance=args.rss_tolerance,
-                        seed=args.seed)
+    from conveyor.bench.soak import SoakConfig, format_report, run_soak
+    o = options_from("soak", args)[SoakOptions]
+    config = SoakConfig(o.base_url, o.duration, o.concurrency, o.warmup, o.max_warmup, o.api_key,
+                        o.model, o.server_pid, o.max_requests, o.max_body_bytes, o.timeout,
+                        rss_tolerance=o.rss_tolerance, seed=o.seed)
     report = run_soak(config)
     out_dir = _out_dir(args, "soak")
     os.makedirs(out_dir, exist_ok=True)

@@ -1,20 +1,14 @@
-"""``--price-per-hour USD``, the machine's price, for ``conveyor serve`` and ``conveyor bench``:
-what turns tokens/s into dollars per 1M tokens (``conveyor.metrics.windows.cost_per_million``)."""
+"""``--price-per-hour USD``, the machine's price, for ``conveyor bench`` (a ``ReportOptions``
+field, ``conveyor.bench.options``): what turns tokens/s into dollars per 1M tokens
+(``conveyor.metrics.windows.cost_per_million``)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-_HELP = {"serve": "the machine's price per hour: /metrics and /dashboard show the cost per 1M "
-                  "output and per 1M total tokens (default: no cost shown)",
-         "bench": "the machine's price per hour: every run's cost in dollars and per 1M output "
-                  "/ total tokens goes into the report"}
-
-
-def add_price_arg(group, command: str = "bench") -> None:
-    group.add_argument("--price-per-hour", type=parse_price, default=None, metavar="USD",
-                       help=_HELP[command])
+PRICE_HELP = {"bench": "the machine's price per hour: every run's cost in dollars and per 1M "
+                       "output / total tokens goes into the report"}
 
 
 def parse_price(text: str) -> float:
