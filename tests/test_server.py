@@ -29,9 +29,11 @@ def servers():
         "main": ServerProcess("--max-num-seqs", "16", "--num-kv-blocks", "256",
                               "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes",
                               str(MAX_BODY), "--api-key", KEYS[0], "--api-key", KEYS[1]),
+        # --shutdown-timeout 20: long enough for a 16-token request on a loaded 2-core machine,
+        # too short for a 4,000-token one on a fast CPU
         "small": ServerProcess("--max-num-seqs", "1", "--max-waiting-requests", "1",
-                               "--num-kv-blocks", "140", "--max-model-len", "2100",
-                               "--shutdown-timeout", "8"),
+                               "--num-kv-blocks", "280", "--max-model-len", "4200",
+                               "--shutdown-timeout", "20"),
     }
     yield procs
     for proc in procs.values():
@@ -266,9 +268,9 @@ def test_sigterm_lets_running_requests_finish_aborts_the_rest_and_exits_zero(ser
             boxes = [[], []]
             # One slot: the first request runs (and can finish within the shutdown timeout), the
             # second waits, then runs, and is still generating when the timeout aborts it.
-            running = asyncio.create_task(stream(c, 40, accepted[0], started[0], boxes[0]))
+            running = asyncio.create_task(stream(c, 16, accepted[0], started[0], boxes[0]))
             await asyncio.wait_for(started[0].wait(), 60)
-            waiting = asyncio.create_task(stream(c, 2000, accepted[1], started[1], boxes[1]))
+            waiting = asyncio.create_task(stream(c, 4000, accepted[1], started[1], boxes[1]))
             await asyncio.wait_for(accepted[1].wait(), 60)
             children = child_pids(server.proc.pid)
             server.proc.send_signal(signal.SIGTERM)
