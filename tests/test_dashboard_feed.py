@@ -153,3 +153,11 @@ def test_metrics_expose_slot_steps_padding_and_cost():
     text = metrics.render().decode()
     cost = _sample(text, 'conveyor:cost_per_million_tokens_usd{tokens="output",window="1m"}')
     assert cost == pytest.approx(7.2 * 10 / 3600 / 8 * 1e6)
+
+
+def test_a_window_nobody_reads_holds_only_its_span():
+    window = TimeWindow(span_s=10.0, max_samples=100_000)
+    for i in range(5000):
+        window.add(i * 0.1, 1.0)              # 500 s of samples, never read
+    assert len(window._samples) == 101        # the last 10 s (both ends included)
+    assert window.total(499.9) == 101.0

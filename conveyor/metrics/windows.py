@@ -37,16 +37,22 @@ class TimeWindow:
         self._lock = threading.Lock()
 
     def add(self, t: float, value: float) -> None:
+        """Append a sample and drop those older than the span (so a window nobody reads holds
+        only its span's samples, never ``max_samples`` stale ones)."""
         with self._lock:
             self._samples.append((t, value))
+            self._prune(t)
 
     def values(self, now: float, span_s: float | None = None) -> list[float]:
         """The values of samples at most ``span_s`` (default: the window's span) before ``now``."""
         cutoff = now - (self.span_s if span_s is None else span_s)
         with self._lock:
-            while self._samples and self._samples[0][0] < now - self.span_s:
-                self._samples.popleft()
+            self._prune(now)
             return [v for t, v in self._samples if t >= cutoff]
+
+    def _prune(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.span_s:
+            self._samples.popleft()
 
     def total(self, now: float, span_s: float | None = None) -> float:
         return float(sum(self.values(now, span_s)))
