@@ -5,6 +5,7 @@ held KV block, an unhealthy /health) the verdict fails; only loopback targets ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -80,21 +81,26 @@ def _broken_app() -> Starlette:
                              Route("/{path:path}", fail, methods=["POST"])])
 
 
-def test_soak_fails_on_5xx_a_held_block_and_bad_health():
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` served by uvicorn on a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_broken_app(), host="127.0.0.1", port=port,
-                                           log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.05)
-        report = run_soak(SoakConfig(f"http://127.0.0.1:{port}", duration_s=1.0, concurrency=2,
-                                     warmup_s=0.5, max_warmup_s=0.5, timeout_s=10.0),
-                          log=lambda _: None)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_soak_fails_on_5xx_a_held_block_and_bad_health():
+    with _serving(_broken_app()) as url:
+        report = run_soak(SoakConfig(url, duration_s=1.0, concurrency=2, warmup_s=0.5,
+                                     max_warmup_s=0.5, timeout_s=10.0), log=lambda _: None)
     checks = {c.name: c.passed for c in report.checks}
     assert not report.passed
     assert checks == {"no request lost": False, "KV blocks all free": False, "RSS flat": True,
@@ -149,23 +155,13 @@ def test_a_timed_out_request_names_its_case_and_how_far_it_got():
     import random
 
     from conveyor.bench.soak_clients import SoakTarget, run_client
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_trickling_app(3, 0.05), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        target = SoakTarget(f"http://127.0.0.1:{port}", "m", None, 1 << 16, timeout_s=1.5)
+    with _serving(_trickling_app(3, 0.05)) as url:
+        target = SoakTarget(url, "m", None, 1 << 16, timeout_s=1.5)
 
         async def one():
             async with httpx.AsyncClient() as client:
                 return await run_client(Kind.SLOW_READER, client, target, random.Random(0))
         result = asyncio.run(one())
-    finally:
-        server.should_exit = True
-        thread.join(10)
     assert result.outcome is Outcome.FAILED and result.status == 200
     assert result.case.endswith("slow reader") and result.started > 0
     assert "no complete answer within 2 s" in result.detail
