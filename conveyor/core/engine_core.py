@@ -67,10 +67,12 @@ class EngineCore:
         else:
             self.scheduler = BatchScheduler(scheduler_config, self.kv_manager, max_model_len,
                                             scheduler_config.launch_timeout_s, clock)
-        self.step_cost = MeasuredStepCost()
+        # the adaptive speculation policy's cost fit; None (nothing to feed) without it
+        adaptive = speculative is not None and speculative.adaptive
+        self.spec_step_cost = MeasuredStepCost() if adaptive else None
         if speculative is not None:
             self.scheduler.spec = SpecPolicy(speculative.num_speculative_tokens,
-                                             self.step_cost if speculative.adaptive else None)
+                                             self.spec_step_cost)
         self.num_steps = 0
         self.step_log: list[StepStats] | None = [] if record_steps else None
         self.grammar_wait = GrammarWaitQueue()   # structured outputs still compiling
@@ -150,8 +152,10 @@ class EngineCore:
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         for out in updated:
             out.stamp(sampled[out.request_id])
-        self.scheduler.observe_step_time(self.clock() - start)
-        self.step_cost.observe(sched_out.total_num_scheduled_tokens, self.clock() - start)
+        seconds = self.clock() - start
+        self.scheduler.observe_step_time(seconds)
+        if self.spec_step_cost is not None:
+            self.spec_step_cost.observe(sched_out.total_num_scheduled_tokens, seconds)
         if self.step_log is not None and not sched_out.is_empty:
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)
