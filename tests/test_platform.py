@@ -151,6 +151,30 @@ def test_kernel_build_flags_follow_platform(monkeypatch):
     assert kernels.build_dir(generic) != kernels.build_dir(flags)     # in the cache key
 
 
+def test_kernel_build_cache_is_keyed_by_the_cpu_not_only_the_flags(monkeypatch, tmp_path):
+    """A cache dir shared between machines (CI cache, NFS home) never hands a Zen 4 build to a
+    Zen 3 (SIGILL): the same flags on another CPU, or under another ISA cap, is another build."""
+    import shutil
+
+    from conveyor.kernels import build
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    flags = ["-march=native", "-O3"]              # same flags, different meaning per CPU
+
+    def key_on(cpu: CpuInfo):
+        monkeypatch.setattr(build, "cpu_info", lambda: cpu)
+        return build.build_dir(flags)
+
+    zen4, zen3 = key_on(CpuInfo.of(CPUS["zen4"])), key_on(CpuInfo.of(CPUS["zen3"]))
+    capped = key_on(CpuInfo.of(CPUS["zen4"], "AVX2"))
+    assert len({zen4, zen3, capped}) == 3
+    assert key_on(CpuInfo.of(CPUS["zen4"])) == zen4              # and stable on one machine
+    assert zen4.parent == tmp_path / "conveyor" / "ext"
+    monkeypatch.setattr(build, "cpu_info", lambda: CpuInfo.of(CPUS["zen4"]))
+    assert build.build_dir(flags + ["-mavx512bf16"]) != zen4      # the flags are in it too
+
+
 @pytest.mark.skipif(not os.environ.get(platform.KERNEL_ARCH_ENV, "").strip().isidentifier(),
                     reason="CONVEYOR_CPU_KERNEL_ARCH does not name an arch in this run")
 def test_the_named_kernel_arch_is_the_one_built_and_loaded():
