@@ -1,27 +1,44 @@
-"""Speculative decoding side by side in one sitting: one engine (one model load), every workload
-run with speculation off and on, alternating, so a shared machine's load hits both alike.
+"""Speculative decoding side by side in one sitting: every workload with speculation off and on,
+alternating on one engine, then llama.cpp's server with and without its n-gram speculation.
 
-    python scripts/bench_spec.py --speculative-config '{"method":"ngram",...}' \
+    PYTHONPATH=. python scripts/bench_spec.py \
+        --speculative-config '{"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":4,"prompt_lookup_min":2}' \
         --grounded scripts/workloads/grounded_chats.jsonl \
-        --peer ../shared/peers/workload_small.jsonl --max-num-seqs 32
+        --peer /work/shared/peers/workload_small.jsonl --peer-concurrency 32 64 \
+        --llama-server ~/.cache/conveyor-peers/llama.cpp-*/bin/llama-server
 
-Grounded chats run one request at a time (one user); the peer workload all at once (up to
-``--max-num-seqs`` concurrent). Both are greedy with EOS ignored (``bench_params``), so both
-variants generate the same number of tokens (checked; token identity is the tests' job). Prints
-one JSON line per run.
+Grounded chats run one request at a time (one user); the peer workload all at once with up to
+``--peer-concurrency`` requests running (one engine per value, ``max_num_seqs``). Everything is
+greedy with EOS ignored (``bench_params``), so both variants generate the same number of tokens
+(checked). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
+llama.cpp gets the same token ids over ``/v1/completions`` (a fresh server per variant, one
+slot); its ``timings`` give draft and accepted counts. Prints one JSON line per run, then a
+markdown table with the machine, its load, the date and this command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
+import os
+import shlex
+import subprocess
+import sys
 import time
+import urllib.request
 
+from conveyor import platform
 from conveyor.bench.datasets import load_workload_file
 from conveyor.bench.metrics import summarize
 from conveyor.bench.offline import run_offline, warm_up
 from conveyor.bench.workloads import Workload
 from conveyor.engine.llm_engine import LLMEngine
+from conveyor.weights.loader import resolve_model_path
+
+LLAMA_SPEC = "--spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 4"
+_SPEC_KEYS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 
 
 def _switch(engine, saved, on: bool) -> None:
@@ -29,62 +46,168 @@ def _switch(engine, saved, on: bool) -> None:
     engine.runner.proposer = saved[1] if on else None
 
 
+def _own_tenant(workload: Workload, label: str) -> Workload:
+    return Workload(workload.name, [dataclasses.replace(r, tenant=label, arrival_s=0.0)
+                                    for r in workload.requests], workload.spec)
+
+
+def _add_spec(total: dict, spec: dict | None) -> None:
+    for key in _SPEC_KEYS:
+        total[key] = total.get(key, 0) + ((spec or {}).get(key) or 0)
+
+
 def _one_at_a_time(engine, workload: Workload, label: str):
-    records, spec = [], {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
-    for req in workload.requests:
-        req.arrival_s = 0.0
+    records, spec = [], {}
+    for req in _own_tenant(workload, label).requests:
         run = run_offline(engine, Workload(workload.name, [req]), label, progress=False,
                           id_prefix=f"{label}-{req.request_id}")
         records += run.records
-        for key in spec:
-            spec[key] += ((run.engine_stats or {}).get("spec_decode") or {}).get(key, 0)
+        _add_spec(spec, (run.engine_stats or {}).get("spec_decode"))
     busy = sum(r.finish - r.arrival for r in records if r.success)
-    tokens = sum(r.output_len for r in records if r.success)
-    return tokens / busy, records, spec
+    return sum(r.output_len for r in records if r.success) / busy, records, spec
 
 
 def _all_at_once(engine, workload: Workload, label: str):
-    run = run_offline(engine, workload, label, progress=False)
-    summary = summarize(run.records)
-    return summary.output_throughput, run.records, (run.engine_stats or {}).get("spec_decode")
+    run = run_offline(engine, _own_tenant(workload, label), label, progress=False)
+    spec = {}
+    _add_spec(spec, (run.engine_stats or {}).get("spec_decode"))
+    return summarize(run.records).output_throughput, run.records, spec
+
+
+def _row(workload: str, variant: str, rate: float, base: float | None, spec: dict | None,
+         wall: float) -> dict:
+    drafts, tokens = (spec or {}).get("num_drafts"), (spec or {}).get("num_draft_tokens")
+    accepted = (spec or {}).get("num_accepted_tokens")
+    return {"workload": workload, "variant": variant, "output_tok_s": round(rate, 2),
+            "vs_off": None if not base else round(rate / base, 3),
+            "acceptance_rate": round(accepted / tokens, 3) if tokens else None,
+            "mean_accepted_length": round(1 + accepted / drafts, 2) if drafts else None,
+            "wall_s": round(wall, 1), "spec": spec}
+
+
+def _conveyor_pair(engine, name: str, workload: Workload, runner, rnd: int, rows: list) -> None:
+    saved, base, lengths = (engine.core.scheduler.spec, engine.runner.proposer), None, {}
+    for on in (False, True):
+        _switch(engine, saved, on)
+        label = f"{name}-{'spec' if on else 'off'}-{rnd}"
+        t0 = time.monotonic()
+        rate, records, spec = runner(engine, workload, label)
+        lengths[on] = [r.output_len for r in records]
+        row = _row(name, f"conveyor {'spec' if on else 'off'}", rate, base, spec if on else None,
+                   time.monotonic() - t0)
+        base = rate if not on else base
+        rows.append(row)
+        print(json.dumps({"run": label, **row}), flush=True)
+    _switch(engine, saved, True)
+    print(json.dumps({"workload": name, "round": rnd, "same_lengths": lengths[False] == lengths[True]}),
+          flush=True)
+
+
+def _engine(args, max_num_seqs: int) -> LLMEngine:
+    engine = LLMEngine.from_kwargs(model=args.model, max_num_seqs=max_num_seqs,
+                                   speculative_config=args.speculative_config)
+    warm_up(engine)
+    return engine
+
+
+def _post(url: str, body: dict, timeout: float = 600.0) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _llama_run(server: str, gguf: str, extra: str, workload: Workload, port: int):
+    """(output tok/s one request at a time, draft tokens, accepted tokens) on a fresh server."""
+    cmd = [server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", "1",
+           "-c", "4096", "-t", str(os.cpu_count() or 1), "--alias", "default", *shlex.split(extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        _post(base + "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        busy = tokens = drafts = accepted = 0
+        for req in workload.requests:
+            t0 = time.monotonic()
+            out = _post(base + "/v1/completions", {
+                "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
+                "ignore_eos": True, "cache_prompt": False})
+            busy += time.monotonic() - t0
+            tokens += out["usage"]["completion_tokens"]
+            timings = out.get("timings") or {}
+            drafts += timings.get("draft_n", 0)
+            accepted += timings.get("draft_n_accepted", 0)
+        return tokens / busy, drafts, accepted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _llama_pair(args, workload: Workload, rows: list) -> None:
+    gguf, base = resolve_model_path(args.model), None
+    for variant, extra in (("llama.cpp off", ""), ("llama.cpp ngram", args.llama_spec_args)):
+        t0 = time.monotonic()
+        rate, drafts, accepted = _llama_run(args.llama_server, gguf, extra, workload, args.port)
+        row = _row("grounded", variant, rate, base, None, time.monotonic() - t0)
+        if extra:
+            row["acceptance_rate"] = round(accepted / drafts, 3) if drafts else None
+            row["spec"] = {"num_draft_tokens": drafts, "num_accepted_tokens": accepted}
+        base = rate if base is None else base
+        rows.append(row)
+        print(json.dumps({"run": variant, **row}), flush=True)
+
+
+def _table(rows: list[dict], load: tuple, started: str, args) -> str:
+    out = [f"Measured {started} UTC on {platform.describe()}; load average (1/5/15 min) "
+           f"{load[0][0]:.2f}/{load[0][1]:.2f}/{load[0][2]:.2f} at the start, "
+           f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f} at the end. "
+           f"Speculative config: `{args.speculative_config}`"
+           + (f"; llama.cpp: `{args.llama_spec_args}`." if args.llama_server else "."),
+           "", "    " + shlex.join(["python", *sys.argv]), "",
+           "| workload | variant | output tok/s | × off | acceptance rate | mean accepted length "
+           "| wall s |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v, suffix="": "—" if v is None else f"{v}{suffix}"  # noqa: E731
+    for r in rows:
+        out.append(f"| {r['workload']} | {r['variant']} | {r['output_tok_s']} | "
+                   f"{fmt(r['vs_off'], '×')} | {fmt(r['acceptance_rate'])} | "
+                   f"{fmt(r['mean_accepted_length'])} | {r['wall_s']} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speculative-config", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--grounded", default=None)
-    p.add_argument("--peer", default=None)
+    p.add_argument("--grounded", default=None, help="JSONL of chats run one at a time")
+    p.add_argument("--peer", default=None, help="JSONL run all at once")
+    p.add_argument("--peer-concurrency", type=int, nargs="+", default=[32, 64])
     p.add_argument("--peer-prompts", type=int, default=None)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--llama-server", default=None, help="llama-server binary (grounded chats)")
+    p.add_argument("--llama-spec-args", default=LLAMA_SPEC)
+    p.add_argument("--port", type=int, default=18437)
     args = p.parse_args()
-    engine = LLMEngine.from_kwargs(model=args.model, max_num_seqs=args.max_num_seqs,
-                                   speculative_config=args.speculative_config)
-    warm_up(engine)
-    saved = (engine.core.scheduler.spec, engine.runner.proposer)
-    jobs = []
-    if args.grounded:
-        jobs.append(("grounded", load_workload_file(args.grounded, engine.tokenizer),
-                     _one_at_a_time))
-    if args.peer:
-        jobs.append(("peer", load_workload_file(args.peer, engine.tokenizer, args.peer_prompts),
-                     _all_at_once))
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    load0, rows = os.getloadavg(), []
+    engine = _engine(args, args.peer_concurrency[0])
+    grounded = load_workload_file(args.grounded, engine.tokenizer) if args.grounded else None
+    peer = load_workload_file(args.peer, engine.tokenizer, args.peer_prompts) if args.peer else None
     for rnd in range(args.rounds):
-        for name, workload, runner in jobs:
-            tokens = {}
-            for on in (False, True):
-                _switch(engine, saved, on)
-                label = f"{name}-{'spec' if on else 'off'}-{rnd}"
-                t0 = time.monotonic()
-                rate, records, spec = runner(engine, workload, label)
-                tokens[on] = [r.output_len for r in records]
-                print(json.dumps({"run": label, "output_tok_s": round(rate, 2),
-                                  "wall_s": round(time.monotonic() - t0, 1), "spec": spec}),
-                      flush=True)
-            print(json.dumps({"workload": name, "round": rnd,
-                              "same_lengths": tokens[False] == tokens[True]}), flush=True)
+        if grounded:
+            _conveyor_pair(engine, "grounded", grounded, _one_at_a_time, rnd, rows)
+        for conc in args.peer_concurrency if peer else ():
+            if engine.config.scheduler.max_num_seqs != conc:
+                engine.check_invariants()
+                engine = _engine(args, conc)
+            _conveyor_pair(engine, f"peer @{conc}", peer, _all_at_once, rnd, rows)
+        if grounded and args.llama_server:
+            _llama_pair(args, grounded, rows)
     engine.check_invariants()
+    print(_table(rows, (load0, os.getloadavg()), started, args))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,24 @@ def test_bad_speculative_config_is_a_one_line_cli_error():
     assert proc.returncode != 0
     assert "speculative method must be one of" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("scope", ["tenant", "global"])
+def test_suffix_history_is_kept_per_tenant_unless_the_prefix_cache_is_global(vocab32_dir, scope):
+    """The runner's suffix proposer files each finished output under its request's scope."""
+    from conveyor.core.request import Request
+    from conveyor.core.speculation import history_scope
+    engine = LLMEngine.from_kwargs(model=vocab32_dir, dtype="float32", block_size=8, num_blocks=40,
+                                   speculative_config=SUFFIX, prefix_cache_scope=scope)
+    for i, tenant in enumerate(["alice", "bob", "alice"]):
+        engine.add_request(prompts(3)[i], greedy(0), tenant=tenant)
+    run_engine(engine)
+    engine.check_invariants()
+    isolate = scope == "tenant"
+    want = {history_scope(Request("x", [1], greedy(0), 1, tenant=t), isolate)
+            for t in ("alice", "bob")}
+    proposer = engine.runner.proposer
+    assert set(proposer.shared) == want and len(want) == (2 if isolate else 1)
+    assert sorted(s for s, _ in proposer.finished) == sorted(
+        history_scope(Request("x", [1], greedy(0), 1, tenant=t), isolate)
+        for t in ("alice", "bob", "alice"))

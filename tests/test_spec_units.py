@@ -10,7 +10,7 @@ import torch
 from conveyor.config import SpeculativeConfig
 from conveyor.core.request import Request
 from conveyor.core.spec_policy import MeasuredStepCost, SpecPolicy
-from conveyor.core.speculation import SpecDecodeStats, accept_drafts
+from conveyor.core.speculation import SpecDecodeStats, accept_drafts, history_scope
 from conveyor.errors import ConfigError
 from conveyor.sampling import SamplingMetadata
 from conveyor.sampling_params import SamplingParams
@@ -28,11 +28,36 @@ def test_ngram_continues_the_latest_longest_match():
 
 def test_suffix_proposer_follows_own_history_then_finished_requests():
     p = SuffixProposer(1, 3, max_requests=1)
-    assert p.propose({"a": ([1, 2, 3, 4, 1, 2], 3)}) == {"a": [3, 4, 1]}
+    assert p.propose({"a": ([1, 2, 3, 4, 1, 2], 3)}, {"a": "t"}) == {"a": [3, 4, 1]}
     p.drop("a", finished=True)
-    assert p.propose({"b": ([9, 3, 4], 2)}) == {"b": [1, 2]}           # from a's tokens
-    p.drop("b", finished=True)                                          # evicts a
-    assert p.propose({"c": ([7, 1, 2], 2)}) == {}
+    assert p.propose({"b": ([9, 3, 4], 2)}, {"b": "t"}) == {"b": [1, 2]}   # from a's tokens
+    p.drop("b", finished=True)                                              # evicts a
+    assert p.propose({"c": ([7, 1, 2], 2)}, {"c": "t"}) == {}
+
+
+def test_suffix_history_never_crosses_tenants_and_stays_bounded():
+    p = SuffixProposer(1, 3, max_requests=2)
+    p.propose({"a": ([1, 2, 3, 4, 5, 6], 3)}, {"a": "alice"})
+    p.drop("a", finished=True)
+    assert p.propose({"b": ([9, 3, 4], 2)}, {"b": "bob"}) == {}            # alice's text: no
+    assert p.propose({"c": ([9, 3, 4], 2)}, {"c": "alice"}) == {"c": [5, 6]}
+    p.drop("b", finished=True)
+    p.drop("c", finished=True)                  # 3 finished outputs, bound 2: alice's first goes
+    assert len(p.finished) == 2 and set(p.shared) == {"alice", "bob"}
+    assert p.propose({"d": ([8, 3, 4], 2)}, {"d": "alice"}) == {}
+    p.propose({"e": ([7], 1)}, {"e": "carol"})
+    p.drop("e", finished=True)                  # bob's only output evicted: his index goes too
+    assert set(p.shared) == {"alice", "carol"}
+    assert p.propose({"f": ([5, 9], 1)}, {"f": "alice"}) == {"f": [3]}     # c's 9 3 4 remains
+
+
+def test_history_scope_follows_the_prefix_cache_scope():
+    a = Request("a", [1], SamplingParams(), max_tokens=5, tenant="alice")
+    b = Request("b", [1], SamplingParams(), max_tokens=5, tenant="bob")
+    salted = Request("s", [1], SamplingParams(), max_tokens=5, tenant="alice", cache_salt="x")
+    assert history_scope(a, True) != history_scope(b, True)
+    assert history_scope(a, False) == history_scope(b, False)           # global prefix cache
+    assert history_scope(salted, False) not in (history_scope(a, False), history_scope(a, True))
 
 
 def test_policy_skips_large_batches_and_low_acceptance():

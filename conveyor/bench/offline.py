@@ -80,10 +80,10 @@ def counters_delta(before: dict | None, after: dict | None) -> dict | None:
                              "hit_rate": hits / queries if queries else None},
             "preemptions_by_mode": {m: after["by_mode"].get(m, 0) - before["by_mode"].get(m, 0)
                                     for m in modes},
-            "spec_decode": _spec_delta(before.get("spec"), after.get("spec"))}
+            "spec_decode": spec_delta(before.get("spec"), after.get("spec"))}
 
 
-def _spec_delta(before, after) -> dict | None:
+def spec_delta(before, after) -> dict | None:
     """Speculative decoding over one run, in vLLM's names (None when it is off)."""
     if before is None or after is None:
         return None

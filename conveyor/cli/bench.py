@@ -185,17 +185,23 @@ def run_compare_cmd(args) -> int:
 
 def run_serve_cmd(args) -> int:
     from conveyor.bench.http_client import run_http
+    from conveyor.bench.offline import spec_delta
     from conveyor.bench.report import report_meta
+    from conveyor.bench.server_counters import scrape_spec_counters
     from conveyor.bench.suite import workload_at
     options_from("serve", args)     # bounds, in one line
     workload = build_workload(args, _serve_tokenizer(args.tokenizer))
     runs = []
+    auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     for rate in rates_for(args, workload):
+        before = scrape_spec_counters(args.base_url, auth)
         run = run_http(args.base_url, workload_at(workload, rate, args.burstiness, args.workload_seed),
                        model=args.model, label="serve", max_concurrency=args.max_concurrency,
                        api_key=args.api_key, send_token_ids=args.send_token_ids,
                        progress=args.progress, timeout_s=args.timeout)
         run.request_rate, run.burstiness = rate, None if rate is None else args.burstiness
+        spec = spec_delta(before, scrape_spec_counters(args.base_url, auth))
+        run.engine_stats = None if spec is None else {"spec_decode": spec}
         runs.append(run)
     meta = report_meta("serve", workload.spec, server={k: v for k, v in runs[0].config.items()})
     return _finish(meta, runs, args, "serve")

@@ -154,7 +154,7 @@ class EngineCore:
             out.stamp(sampled[out.request_id])
         seconds = self.clock() - start
         self.scheduler.observe_step_time(seconds)
-        if self.spec_step_cost is not None:
+        if self.spec_step_cost is not None and _decode_only(sched_out):
             self.spec_step_cost.observe(sched_out.total_num_scheduled_tokens, seconds)
         if self.step_log is not None and not sched_out.is_empty:
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
@@ -184,3 +184,12 @@ class EngineCore:
         self.kv_manager.check_invariant()
         if getattr(self.scheduler, "swap", None) is not None:
             self.scheduler.swap.check_invariant()
+
+
+def _decode_only(sched_out: SchedulerOutput) -> bool:
+    """A step that computes one token (plus its drafts) per request: the steps whose cost the
+    speculation policy weighs. Prefill chunks are left out of its fit: their tokens cost far less
+    each (no sampling row, one big GEMM), so a fit over them made draft tokens look cheap and
+    kept speculation on in large batches where verifying cost more than it saved."""
+    drafts = sum(len(d) for d in sched_out.scheduled_spec_tokens.values())
+    return sched_out.total_num_scheduled_tokens == len(sched_out.num_scheduled_tokens) + drafts

@@ -22,6 +22,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]             # full block table so far
     num_computed_tokens: int         # KV already present (0 unless a prefix cache hit)
+    history_scope: str = ""          # whose earlier outputs may feed its drafts (speculation)
 
 
 @dataclass(slots=True)

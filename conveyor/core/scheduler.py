@@ -32,7 +32,7 @@ from conveyor.core.outputs import (CachedRequestData, ModelRunnerOutput, NewRequ
 from conveyor.core.prefill_budget import PrefillPolicy, StepPlan
 from conveyor.core.request import Request, RequestStatus, check_stop
 from conveyor.core.scheduler_state import SchedulerState
-from conveyor.core.speculation import accept_drafts
+from conveyor.core.speculation import accept_drafts, history_scope
 from conveyor.core.slot_reclaim import admission_victim
 
 
@@ -219,7 +219,8 @@ class Scheduler(SchedulerState):
             else:
                 new_reqs.append(NewRequestData(
                     rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                    list(self.kv.block_table(rid)), req.num_computed_tokens))
+                    list(self.kv.block_table(rid)), req.num_computed_tokens,
+                    history_scope(req, self.kv.isolate_tenants)))
                 self._runner_known.add(rid)
                 self._runner_seen.add(rid)
         total = sum(num_scheduled.values())

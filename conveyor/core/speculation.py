@@ -14,6 +14,7 @@ No torch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from conveyor.core.request import Request
@@ -23,6 +24,14 @@ def max_drafts(req: Request, max_model_len: int) -> int:
     """Most drafts ``req`` may verify in its next step: room for the drafts plus one token."""
     return max(0, min(req.max_tokens - req.num_output_tokens,
                       max_model_len - req.num_tokens) - 1)
+
+
+def history_scope(req: Request, isolate_tenants: bool) -> str:
+    """Whose finished outputs may feed ``req``'s drafts (the suffix method's cross-request
+    index): the same requests whose prefix-cache entries it may hit, i.e. its tenant (unless the
+    operator shares the prefix cache globally, ``isolate_tenants=False``) and its cache salt.
+    Drafts from another scope would leak that scope's text through acceptance timing."""
+    return json.dumps([req.tenant if isolate_tenants else "", req.cache_salt])
 
 
 def accept_drafts(req: Request, drafts: list[int], max_model_len: int) -> list[int]:

@@ -25,6 +25,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    history_scope: str = ""           # see NewRequestData.history_scope
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -68,7 +68,7 @@ class ModelRunner:
             self.states[new.request_id] = CachedRequestState(
                 new.request_id, new.prompt_token_ids + new.output_token_ids,
                 len(new.prompt_token_ids), new.sampling_params, list(new.block_ids),
-                new.num_computed_tokens)
+                new.num_computed_tokens, new.history_scope)
             seed = new.sampling_params.seed
             if seed is not None and new.request_id not in self.generators:
                 try:

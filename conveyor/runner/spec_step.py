@@ -103,7 +103,8 @@ def propose_drafts(proposer: Proposer, sched: SchedulerOutput,
     wanted = {rid: (states[rid].token_ids, k) for rid, k in sched.num_drafts_to_propose.items()
               if rid in sampled and k > 0}
     if wanted:
-        out.draft_token_ids = proposer.propose(wanted)
+        out.draft_token_ids = proposer.propose(
+            wanted, {rid: states[rid].history_scope for rid in wanted})
 
 
 def grammar_mask(grammar: GrammarBitmask | None, row_keys: list[str],

@@ -55,7 +55,8 @@ class DraftModelProposer:
             self.free_blocks += st.block_ids
 
     @torch.inference_mode()
-    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    def propose(self, requests: dict[str, tuple[list[int], int]],
+                scopes: dict[str, str] | None = None) -> dict[str, list[int]]:
         todo = {rid: k for rid, (tokens, k) in requests.items() if self._sync(rid, tokens, k)}
         drafts: dict[str, list[int]] = {rid: [] for rid in todo}
         chunk = {rid: len(self.states[rid].token_ids) - self.states[rid].num_computed_tokens

@@ -15,9 +15,11 @@ import numpy as np
 class Proposer(Protocol):
     """Proposes draft tokens after a step for some of the runner's requests."""
 
-    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    def propose(self, requests: dict[str, tuple[list[int], int]],
+                scopes: dict[str, str]) -> dict[str, list[int]]:
         """request id -> (committed token ids, most drafts) in; request id -> drafts out
-        (requests without a proposal are absent)."""
+        (requests without a proposal are absent). ``scopes``: request id -> its history scope
+        (``core.speculation.history_scope``); only requests of one scope may share history."""
         ...
 
     def drop(self, request_id: str, finished: bool) -> None:
@@ -45,7 +47,8 @@ class NgramProposer:
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    def propose(self, requests: dict[str, tuple[list[int], int]],
+                scopes: dict[str, str] | None = None) -> dict[str, list[int]]:
         drafts = {}
         for rid, (tokens, k) in requests.items():
             d = ngram_continuation(np.asarray(tokens, dtype=np.int64), self.n_min, self.n_max, k)

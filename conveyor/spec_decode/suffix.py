@@ -1,12 +1,14 @@
 """Suffix-index drafts: a variable-order continuation model over the request's own prompt and
-output and, optionally, the outputs of the last finished requests (agents' repetitive loops).
+output and, optionally, the outputs of the last finished requests of the same tenant (agents'
+repetitive loops).
 
 The index maps every context of ``n_min``..``n_max`` tokens seen in a sequence to counts of the
 token that followed it. A draft extends the request's tokens one token at a time with the most
 frequent continuation of the longest context found (the request's own index first, then the
 shared one), so it follows a repeated passage across branches a single n-gram match would miss.
 Each request's index covers exactly its committed tokens (extended incrementally); the shared
-index holds the outputs of at most ``max_requests`` finished requests (oldest evicted).
+indices (one per tenant scope) hold the outputs of at most ``max_requests`` finished requests
+in all (oldest evicted).
 """
 
 from __future__ import annotations
@@ -43,40 +45,50 @@ class SuffixIndex:
 
 
 class SuffixProposer:
-    """Per-request suffix indices plus a shared one over finished requests' outputs."""
+    """Per-request suffix indices plus, per history scope, one over finished requests' outputs.
+
+    A request's drafts come from its own tokens and from the finished outputs of its own scope
+    only (``core.speculation.history_scope``: its tenant and cache salt), never from another
+    tenant's text. The shared indices hold at most ``max_requests`` finished outputs in all
+    (oldest evicted first, whatever its scope), so memory is bounded however many tenants come.
+    """
 
     def __init__(self, n_min: int, n_max: int, max_requests: int):
         self.n_min, self.n_max = n_min, n_max
         self.max_requests = max_requests
-        self.own: dict[str, tuple[SuffixIndex, list[int]]] = {}   # index, tokens indexed
-        self.shared = SuffixIndex(n_min, n_max)
-        self.finished: deque[list[int]] = deque()
+        self.own: dict[str, tuple[SuffixIndex, list[int], str]] = {}  # index, indexed, scope
+        self.shared: dict[str, SuffixIndex] = {}
+        self.finished: deque[tuple[str, list[int]]] = deque()
 
-    def propose(self, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    def propose(self, requests: dict[str, tuple[list[int], int]],
+                scopes: dict[str, str] | None = None) -> dict[str, list[int]]:
         drafts = {}
         for rid, (tokens, k) in requests.items():
-            index = self._own_index(rid, tokens)
-            d = self._extend(index, tokens, k)
+            scope = (scopes or {}).get(rid, "")
+            index = self._own_index(rid, tokens, scope)
+            d = self._extend(index, self.shared.get(scope), tokens, k)
             if d:
                 drafts[rid] = d
         return drafts
 
-    def _own_index(self, rid: str, tokens: list[int]) -> SuffixIndex:
-        index, seen = self.own.get(rid, (None, None))
+    def _own_index(self, rid: str, tokens: list[int], scope: str) -> SuffixIndex:
+        index, seen, _ = self.own.get(rid, (None, None, None))
         if index is None:
             index, seen = SuffixIndex(self.n_min, self.n_max), []
         start = len(seen)
         seen.extend(tokens[start:])
         index.update(seen, start)
-        self.own[rid] = (index, seen)
+        self.own[rid] = (index, seen, scope)
         return index
 
-    def _extend(self, index: SuffixIndex, tokens: list[int], k: int) -> list[int]:
+    def _extend(self, index: SuffixIndex, shared: SuffixIndex | None, tokens: list[int],
+                k: int) -> list[int]:
         context, drafts = list(tokens[-self.n_max:]), []
         for _ in range(k):
-            mine, shared = index.next_token(context), self.shared.next_token(context)
-            best = mine if shared is None or (mine is not None and mine[0] >= shared[0]) \
-                else shared
+            mine = index.next_token(context)
+            theirs = shared.next_token(context) if shared is not None else None
+            best = mine if theirs is None or (mine is not None and mine[0] >= theirs[0]) \
+                else theirs
             if best is None:
                 break
             drafts.append(best[1])
@@ -85,9 +97,14 @@ class SuffixProposer:
         return drafts
 
     def drop(self, request_id: str, finished: bool) -> None:
-        index, seen = self.own.pop(request_id, (None, None))
-        if finished and seen and self.max_requests:
-            self.shared.update(seen, 0)
-            self.finished.append(seen)
-            if len(self.finished) > self.max_requests:
-                self.shared.update(self.finished.popleft(), 0, sign=-1)
+        _, seen, scope = self.own.pop(request_id, (None, None, ""))
+        if not (finished and seen and self.max_requests):
+            return
+        self.shared.setdefault(scope, SuffixIndex(self.n_min, self.n_max)).update(seen, 0)
+        self.finished.append((scope, seen))
+        if len(self.finished) > self.max_requests:
+            old_scope, old = self.finished.popleft()
+            index = self.shared[old_scope]
+            index.update(old, 0, sign=-1)
+            if not index.table:
+                del self.shared[old_scope]
