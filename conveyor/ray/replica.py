@@ -59,8 +59,12 @@ class EngineReplica:
                     self._state.model_name)
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[ResponseHead | bytes]:
-        """Stream the app's answer to ``request``: a ``ResponseHead``, then body chunks."""
+        """Stream the app's answer to ``request``: a ``ResponseHead`` (with an
+        ``x-conveyor-replica`` header naming this replica), then body chunks."""
         async for part in respond(self._app, request):
+            if isinstance(part, ResponseHead):
+                part = ResponseHead(part.status,
+                                    (*part.headers, ("x-conveyor-replica", self.replica_id)))
             yield part
 
     async def check_health(self) -> None:

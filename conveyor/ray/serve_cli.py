@@ -38,13 +38,13 @@ def run_on_ray(args, engine_kwargs: dict, ray_config: RayConfig) -> int:
                     ray_actor_options={"num_cpus": ray_config.replica_num_cpus},
                     autoscaling_config=ray_config.autoscaling_config,
                     request_router=ray_config.request_router)
-    stop = _StopLatch()
     local = ray_config.ray_address is None
     if local:
         ray.init(num_cpus=_local_cpus(ray_config), include_dashboard=False,
                  log_to_driver=args.log_level == "debug")
     else:
         ray.init(address=ray_config.ray_address)
+    stop = _StopLatch()         # after ray.init, whose core worker installs its own handlers
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         stop.deploying = True
