@@ -248,3 +248,52 @@ def test_round_robin_router_glue_rotates_in_a_stable_order():
         assert firsts == ["a", "b", "c", "a"]
 
     asyncio.run(scenario())
+
+
+# -- one Serve app on a real local Ray ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _whoami_app(serve, router: str):
+    from conveyor.ray.router import request_router_config
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0},
+                      request_router_config=request_router_config(router))
+    class WhoAmI:
+        def __call__(self, request: ForwardedRequest) -> str:
+            return serve.get_replica_context().replica_id.unique_id
+
+    return WhoAmI.bind()
+
+
+def _ask(handle, body: dict) -> str:
+    request = ForwardedRequest("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+    return handle.remote(request).result(timeout_s=60)
+
+
+def test_on_real_ray_prefix_sticks_per_system_prompt_and_round_robin_alternates(local_ray):
+    serve = local_ray
+    handle = serve.run(_whoami_app(serve, "prefix"), name="prefix", route_prefix=None)
+    homes: dict[int, set[str]] = {}
+    for round_ in range(3):
+        for i, system in enumerate(SYSTEMS):
+            homes.setdefault(i, set()).add(_ask(handle, chat(system, f"q{round_}")))
+    assert all(len(seen) == 1 for seen in homes.values()), homes
+    assert len(set().union(*homes.values())) == 2, homes      # the prompts spread over both
+    serve.delete("prefix")
+
+    handle = serve.run(_whoami_app(serve, "round-robin"), name="rr", route_prefix=None)
+    seen = [_ask(handle, chat(SYSTEMS[0], f"q{n}")) for n in range(6)]
+    assert len(set(seen)) == 2 and all(a != b for a, b in zip(seen, seen[1:])), seen
+    serve.delete("rr")
