@@ -57,6 +57,18 @@ def test_chunk_hashes_are_chained_over_full_chunks():
     assert h[0] != h[1]
 
 
+def test_cache_salt_and_credential_scope_the_hashes_like_the_engine_cache():
+    p = policy()
+    base = p.hashes(chat(SYSTEMS[0], "q"), "Bearer k1")
+    same_key = p.hashes(chat(SYSTEMS[0], "other q"), "Bearer k1")
+    assert len(base) > 10 and same_key[:len(base) - 1] == base[:-1]
+    assert p.hashes(chat(SYSTEMS[0], "q"), "Bearer k2")[0] != base[0]
+    assert p.hashes(chat(SYSTEMS[0], "q", cache_salt="s"), "Bearer k1")[0] != base[0]
+    shared = policy(per_credential=False)
+    assert shared.hashes(chat(SYSTEMS[0], "q"), "Bearer k1") == \
+        shared.hashes(chat(SYSTEMS[0], "q"), "Bearer k2")
+
+
 # -- the policy -----------------------------------------------------------------------------
 
 def test_prefix_routes_to_the_replica_holding_the_prompt_despite_small_extra_load():

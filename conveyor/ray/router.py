@@ -47,13 +47,13 @@ def request_router_config(name: str, **kwargs: Any) -> RequestRouterConfig:
                                request_router_kwargs=dict(kwargs))
 
 
-def forwarded_body(pending_request: PendingRequest | None) -> dict | None:
-    """The JSON object of the first ``ForwardedRequest`` among the call's arguments, if any."""
+def forwarded_request(pending_request: PendingRequest | None) -> ForwardedRequest | None:
+    """The first ``ForwardedRequest`` among the call's arguments, if any."""
     if pending_request is None:
         return None
     for arg in (*pending_request.args, *pending_request.kwargs.values()):
         if isinstance(arg, ForwardedRequest):
-            return arg.json_body()
+            return arg
     return None
 
 
@@ -83,6 +83,13 @@ class PrefixAwareRouter(RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self._policy = PrefixPolicy(PrefixRoutingConfig.from_kwargs(kwargs))
 
+    def _hashes(self, pending_request: PendingRequest | None) -> list[int]:
+        request = forwarded_request(pending_request)
+        if request is None:
+            return []
+        credential = next((v for k, v in request.headers if k == "authorization"), None)
+        return self._policy.hashes(request.json_body(), credential)
+
     async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Queue length per replica: cached where fresh, else probed; a replica that does not
         answer is left out (Ray skips it too)."""
@@ -110,14 +117,13 @@ class PrefixAwareRouter(RequestRouter):
         loads = await self._loads(list(by_id.values()))
         if not loads:
             return [list(by_id.values())]               # nobody answered: let Ray probe again
-        decision = self._policy.choose(self._policy.hashes(forwarded_body(pending_request)),
-                                       loads)
+        decision = self._policy.choose(self._hashes(pending_request), loads)
         return [[by_id[key]] for key in decision.ranked if key in self._replicas]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         if replica_id in self._replicas:                # not one that left meanwhile
-            self._policy.record(replica_id, self._policy.hashes(forwarded_body(pending_request)))
+            self._policy.record(replica_id, self._hashes(pending_request))
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

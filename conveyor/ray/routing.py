@@ -39,12 +39,16 @@ class PrefixRoutingConfig:
     max_chunks_per_replica: int = 32768  # index bound per replica (LRU); ~2M chars of prompts
     imbalance_threshold: int = 4         # max extra load (waiting + running) a match may cost
     min_match_fraction: float = 0.1      # a match shorter than this share of the prompt is none
+    per_credential: bool = True          # API keys never share prefixes (tenant-scoped cache)
 
     def __post_init__(self) -> None:
         for name in ("chunk_chars", "max_chunks_per_replica"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"prefix router: {name} must be an integer >= 1; "
                                   f"got {getattr(self, name)!r}", name)
+        if not isinstance(self.per_credential, bool):
+            raise ConfigError("prefix router: per_credential must be true or false; "
+                              f"got {self.per_credential!r}", "per_credential")
         if not isinstance(self.imbalance_threshold, int) or self.imbalance_threshold < 0:
             raise ConfigError("prefix router: imbalance_threshold must be an integer >= 0; "
                               f"got {self.imbalance_threshold!r}", "imbalance_threshold")
@@ -117,16 +121,25 @@ def request_text(body: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def chunk_hashes(text: str, chunk_chars: int) -> list[int]:
+def chunk_hashes(text: str, chunk_chars: int, scope: Hashable = None) -> list[int]:
     """Chained hashes of the full ``chunk_chars``-long chunks of ``text`` (a partial tail chunk
-    is not hashed, as the engine caches full blocks only); hash i stands for ``text[:(i+1)*c]``.
-    Python's ``hash`` is salted per process, and the index lives in one process."""
+    is not hashed, as the engine caches full blocks only); hash i stands for ``text[:(i+1)*c]``
+    within ``scope`` (what else keys the engine's cache: see ``cache_scope``). Python's ``hash``
+    is salted per process, and the index lives in one process."""
     hashes: list[int] = []
-    previous = 0
+    previous = hash(("conveyor-prefix", scope))
     for start in range(0, len(text) - chunk_chars + 1, chunk_chars):
         previous = hash((previous, text[start:start + chunk_chars]))
         hashes.append(previous)
     return hashes
+
+
+def cache_scope(body: Mapping[str, Any] | None, credential: str | None) -> Hashable:
+    """What, besides the text, keys an engine's prefix cache: the request's ``cache_salt`` and
+    its tenant. The router cannot map an API key to its tenant, so it scopes by the credential
+    itself (``per_credential``; off for ``--prefix-cache-scope global``)."""
+    salt = body.get("cache_salt") if isinstance(body, Mapping) else None
+    return (salt if isinstance(salt, str) else None, credential)
 
 
 # -- the index ------------------------------------------------------------------------------
@@ -206,9 +219,14 @@ class PrefixPolicy:
     def __post_init__(self) -> None:
         self.index = PrefixIndex(self.config.max_chunks_per_replica)
 
-    def hashes(self, body: Mapping[str, Any] | None) -> list[int]:
+    def hashes(self, body: Mapping[str, Any] | None, credential: str | None = None) -> list[int]:
+        """The chunk hashes of a request (``body``: its JSON; ``credential``: its
+        ``Authorization`` header), [] when it has no prompt."""
         text = request_text(body)
-        return chunk_hashes(text, self.config.chunk_chars) if text else []
+        if not text:
+            return []
+        scope = cache_scope(body, credential if self.config.per_credential else None)
+        return chunk_hashes(text, self.config.chunk_chars, scope)
 
     def choose(self, hashes: Sequence[int], loads: Mapping[ReplicaKey, int]) -> RouteDecision:
         """Rank the replicas in ``loads`` (replica -> waiting + running) for a request whose
