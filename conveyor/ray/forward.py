@@ -30,3 +30,21 @@ class ForwardedRequest:
         except (ValueError, UnicodeDecodeError):
             return None
         return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """The first item a replica streams back for a ``ForwardedRequest``: status and headers; the
+    response body follows as ``bytes`` chunks, in order, ending when the stream ends."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()  # lower-case names, in order
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def is_event_stream(self) -> bool:
+        """A server-sent events response (a streamed completion or chat)."""
+        return (self.header("content-type") or "").startswith("text/event-stream")
