@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import run_engine
+from conftest import hf_greedy, run_engine
 from conveyor.engine.llm_engine import LLMEngine
 from conveyor.errors import InvalidRequestError, ModelLoadError
 from conveyor.sampling_params import SamplingParams
@@ -33,10 +33,12 @@ def tiny_hf():
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
     # The converted-tokenizer cache is keyed by path, size and mtime; keep these files' out of ~.
-    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVEYOR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def _engine(path: str, **kw) -> LLMEngine:
@@ -64,20 +66,18 @@ def test_eot_eom_keys_and_turn_end_tokens_end_generation(tmp_path, tiny_hf, smol
 
 
 def test_engine_stops_at_the_eot_token(tmp_path, tiny_hf, smollm2_path):
-    plain = str(tmp_path / "plain.gguf")
-    write_llama_gguf(plain, tiny_hf, smollm2_path, None)
-    reference = list(_greedy(_engine(plain), 12, ignore_eos=True).token_ids)
+    reference = hf_greedy(tiny_hf, PROMPT, 12, eos_token_id=None)
     # The first token that had not appeared before, at least 3 tokens in, becomes the eot id.
     k = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
     eot = reference[k]
-    with_eot = str(tmp_path / "eot.gguf")
-    write_llama_gguf(with_eot, tiny_hf, smollm2_path, None, end_ids={"eot_token_id": eot})
-    engine = _engine(with_eot)
+    path = str(tmp_path / "eot.gguf")
+    write_llama_gguf(path, tiny_hf, smollm2_path, None, end_ids={"eot_token_id": eot})
+    engine = _engine(path)
     assert eot in engine.eos_token_ids
     out = _greedy(engine, 12, ignore_eos=False)
     assert out.finish_reason == "stop" and out.stop_reason in (eot, None)
     assert list(out.token_ids)[:k] == reference[:k] and len(out.token_ids) in (k, k + 1)
-    assert _greedy(engine, 12, ignore_eos=True).token_ids == reference   # ignore_eos still runs on
+    assert list(_greedy(engine, 12, ignore_eos=True).token_ids) == reference   # ignore_eos runs on
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,14 @@ def no_template_gguf(tmp_path_factory, tiny_hf, smollm2_path) -> str:
 
 def _chat(engine, body: dict) -> httpx.Response:
     from conveyor.server.app import ServerConfig, build_app
-    app = build_app(ServerConfig(), lambda: engine)
+    app = build_app(ServerConfig(served_model_name="default"), lambda: engine)
 
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                while (await client.get("/health")).status_code != 200:   # loading
+                    await asyncio.sleep(0.05)
                 return await client.post("/v1/chat/completions", json=body)
     return asyncio.run(scenario())
 
