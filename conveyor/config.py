@@ -59,6 +59,9 @@ class ModelConfig:
               "where present); accuracy and speed in BENCHMARKS.md", aliases=("-q",))
     attention_backend: AttentionBackend = opt(
         "auto", "auto: the C++ paged kernel on CPU where it builds, else sdpa")
+    chat_template: str | None = opt(
+        None, "chat template for /v1/chat/completions: a Jinja file or the template text; "
+              "overrides the model's own (a base model's GGUF carries none)")
 
     def __post_init__(self) -> None:
         check_fields(self)

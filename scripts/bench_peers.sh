@@ -11,7 +11,7 @@
 #        DATASET=JSONL workload (default ../shared/peers/workload_small.jsonl)
 #        CONVEYOR_ARGS="extra conveyor serve flags"   CONVEYOR="python -m conveyor.cli" (the command)
 #        GGUF=path of another GGUF (default SmolLM2's; conveyor gets it as --model, llama-asis-N
-#        runs it as is)
+#        runs it as is; the load generator tokenizes with it)   NUM_PROMPTS=first N rows only
 # Needs: conveyor installed (the `conveyor` command), curl. docs/bench.md has the recipe to get
 # the peers; none of this is needed by conveyor itself or its tests.
 set -euo pipefail
@@ -42,7 +42,7 @@ warm_up() {   # a few requests so lazy initialisation / compilation is not measu
 }
 
 llama_model() {  # llama_model FORMAT -> path of the GGUF in that format (made once)
-  local fmt=$1 dst=/tmp/smollm2-$1.gguf
+  local fmt=$1 dst; dst=/tmp/$(basename "$GGUF" .gguf)-$1.gguf
   if [ "$fmt" = q41 ] || [ "$fmt" = asis ]; then echo "$GGUF"; return; fi
   [ -f "$dst" ] || "$(dirname "$LLAMA_SERVER")/llama-quantize" --allow-requantize "$GGUF" "$dst" \
     "$( [ "$fmt" = bf16 ] && echo BF16 || echo F32 )" >/dev/null 2>&1
@@ -77,7 +77,8 @@ for name in $PEERS; do
     if wait_ready "$name"; then
       warm_up
       ${CONVEYOR:-conveyor} bench serve --base-url "http://127.0.0.1:$PORT" --model default --send-token-ids \
-        --dataset "$DATASET" --request-rate "$rate" --no-progress \
+        --dataset "$DATASET" --request-rate "$rate" --no-progress --tokenizer "$GGUF" \
+        ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
         --output-dir "$OUT/$name-rate-$rate" 2>&1 | tee "$OUT/$name-rate-$rate.txt"
     fi
     kill "$SERVER_PID" 2>/dev/null || true

@@ -38,16 +38,27 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _copy_tokenizer(writer, tokenizer_gguf: str) -> None:
+def _copy_tokenizer(writer, tokenizer_gguf: str, token_texts: dict[int, str] | None = None,
+                    drop_keys: tuple[str, ...] = ()) -> None:
+    """Copy the ``tokenizer.*`` keys of ``tokenizer_gguf``; ``token_texts`` renames vocabulary
+    entries (id -> new text), ``drop_keys`` leaves keys out."""
     import gguf
     for key, field in gguf.GGUFReader(tokenizer_gguf).fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and key not in drop_keys:
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+            value = field.contents()
+            if key == "tokenizer.ggml.tokens" and token_texts:
+                value = [token_texts.get(i, t) for i, t in enumerate(value)]
+            writer.add_key_value(key, value, field.types[0], sub_type=sub)
 
 
-def write_llama_gguf(path: str, hf_model, tokenizer_gguf: str, rope_freqs: np.ndarray | None) -> None:
-    """``hf_model`` (a transformers LlamaForCausalLM) as an fp32 GGUF of architecture "llama"."""
+def write_llama_gguf(path: str, hf_model, tokenizer_gguf: str, rope_freqs: np.ndarray | None,
+                     end_ids: dict[str, int] | None = None, token_texts: dict[int, str] | None = None,
+                     drop_keys: tuple[str, ...] = ()) -> None:
+    """``hf_model`` (a transformers LlamaForCausalLM) as an fp32 GGUF of architecture "llama".
+
+    end_ids: extra ``tokenizer.ggml.<name>`` id keys, e.g. ``{"eot_token_id": 5}``; token_texts,
+    drop_keys: as ``_copy_tokenizer`` takes them."""
     import gguf
     c = hf_model.config
     w = gguf.GGUFWriter(path, "llama")
@@ -59,7 +70,9 @@ def write_llama_gguf(path: str, hf_model, tokenizer_gguf: str, rope_freqs: np.nd
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    _copy_tokenizer(w, tokenizer_gguf)
+    _copy_tokenizer(w, tokenizer_gguf, token_texts, drop_keys)
+    for name, token_id in (end_ids or {}).items():
+        w.add_uint32(f"tokenizer.ggml.{name}", token_id)
     for name, t in hf_model.state_dict().items():
         arr = t.detach().float().numpy()
         if name == "model.embed_tokens.weight":

@@ -30,6 +30,8 @@ def test_gemma3_270m_gguf_matches_transformers(gemma3_path):
     assert (c.architecture, c.sliding_window, c.vocab_size) == ("gemma3", 512, 262144)
     assert sum(c.layer_window(i) is None for i in range(c.num_layers)) == 3   # global layers
     tok = engine.tokenizer
+    # the file has no eot_token_id key and no chat template (a base model): <end_of_turn> by text
+    assert tok.eos_token_ids == frozenset({1, 106}) and tok.chat_template is None
     short = tok.encode("The capital of France is")
     long = tok.encode(TEXT * 5)[:560]
     assert len(short) < 512 < len(long)

@@ -52,7 +52,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     model_path = resolve_model_path(mc.model)
     device = platform.resolve_device(mc.device)
     dtype = platform.resolve_dtype(mc.dtype, device)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, mc.chat_template)
     if attention_backend == "auto":
         from conveyor.attention.select import default_backend
         attention_backend = default_backend(device)

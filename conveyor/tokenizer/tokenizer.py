@@ -22,10 +22,12 @@ from typing import Any, Iterable
 
 from conveyor.errors import InvalidRequestError, ModelLoadError, check_text
 from conveyor.tokenizer.chat_template import ChatTemplateRenderer
+from conveyor.tokenizer.gguf_meta import end_of_generation_ids, read_gguf_tokenizer_meta
 
-_GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
-_NO_TEMPLATE_MESSAGE = ("this model has no chat template; send a plain prompt to /v1/completions "
-                        "or pass --chat-template")
+_CACHE_VERSION = "2"   # bump when what _save_converted writes changes (2: generation_config.json)
+_NO_TEMPLATE_MESSAGE = ("this model has no chat template (base models' files often carry none); "
+                        "send a plain prompt to /v1/completions, or start the server with "
+                        "--chat-template PATH (a Jinja template file)")
 
 
 @dataclass(slots=True, eq=False)
@@ -84,7 +86,9 @@ class Tokenizer:
         """Load from a GGUF file's ``tokenizer.ggml.*`` metadata via transformers' GGUF support.
 
         The chat template comes from ``chat_template`` if given, else the file's
-        ``tokenizer.chat_template`` key. Raises ModelLoadError if the file is missing or unreadable.
+        ``tokenizer.chat_template`` key. Generation also ends on the ids ``gguf_meta`` finds
+        (``eot_token_id`` / ``eom_token_id`` keys, turn-end tokens such as ``<end_of_turn>``).
+        Raises ModelLoadError if the file is missing or unreadable.
         """
         if not os.path.isfile(path):
             raise ModelLoadError(f"GGUF file {path!r} does not exist; check the model path")
@@ -104,15 +108,12 @@ class Tokenizer:
                 f"could not read a tokenizer from GGUF file {path!r} "
                 f"(it needs tokenizer.ggml.* metadata): {exc}") from exc
         _require_fast(hf, path)
+        meta = read_gguf_tokenizer_meta(path)
         if chat_template is None:
-            # Recent transformers already copies tokenizer.chat_template into the HF tokenizer; use it to
-            # avoid parsing the whole file a second time (~3 s for a 49k-token vocabulary), and fall back
-            # to reading the key ourselves for versions that do not.
-            chat_template = hf.chat_template
-            if not isinstance(chat_template, str):
-                chat_template = read_gguf_chat_template(path)
-        _save_converted(hf, chat_template, cached)
-        return cls(hf, chat_template)
+            chat_template = hf.chat_template if isinstance(hf.chat_template, str) else meta.chat_template
+        end_ids = end_of_generation_ids(meta, hf)
+        _save_converted(hf, chat_template, end_ids, cached)
+        return cls(hf, chat_template, end_ids - {hf.eos_token_id})
 
     def with_chat_template(self, chat_template: str | None) -> Tokenizer:
         """A copy of this tokenizer using ``chat_template`` (e.g. from ``--chat-template``)."""
@@ -237,18 +238,7 @@ def resolve_chat_template(value: str) -> str:
 
 def read_gguf_chat_template(path: str) -> str | None:
     """The ``tokenizer.chat_template`` string stored in a GGUF file, or None if it has none."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError/struct.error/OSError on truncated or foreign files
-        raise ModelLoadError(f"could not read GGUF metadata from {path!r}: {exc}") from exc
-    entry = reader.fields.get(_GGUF_CHAT_TEMPLATE_KEY)
-    if entry is None or not entry.data:
-        return None
-    # parts[data[0]] is the raw UTF-8 bytes of the string value; this works on every gguf version,
-    # unlike ReaderField.contents() which newer releases added.
-    return bytes(entry.parts[entry.data[0]]).decode("utf-8")
+    return read_gguf_tokenizer_meta(path).chat_template
 
 
 def _require_fast(hf: Any, path: str) -> None:
@@ -305,17 +295,20 @@ def _converted_cache_dir(path: str) -> str | None:
     except OSError:
         return None
     import hashlib
-    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{_CACHE_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
     root = os.environ.get("CONVEYOR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "conveyor")
     return os.path.join(root, "tokenizers", key)
 
 
-def _save_converted(hf, chat_template: str | None, cache_dir: str | None) -> None:
+def _save_converted(hf, chat_template: str | None, end_ids: frozenset[int],
+                    cache_dir: str | None) -> None:
     if cache_dir is None:
         return
     try:
         tmp = f"{cache_dir}.tmp{os.getpid()}"
         hf.save_pretrained(tmp)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": sorted(end_ids)}, f)
         if chat_template is not None:
             with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
                 f.write(chat_template)
