@@ -137,6 +137,18 @@ class LLMEngine:
         if events:
             self.kv_event_publisher.publish(events)
 
+    def cache_config_info(self) -> dict[str, str]:
+        """The KV cache's config as vLLM's ``cache_config_info`` labels (names vLLM's, values
+        conveyor's: ``num_gpu_blocks`` is the KV pool whatever the device, ``num_cpu_blocks``
+        the host swap pool)."""
+        cc, swap = self.config.cache, getattr(self.core.scheduler, "swap", None)
+        return {"block_size": str(cc.block_size), "cache_dtype": "auto",
+                "enable_prefix_caching": str(self.core.kv_manager.enable_prefix_caching),
+                "num_gpu_blocks": str(self.num_kv_blocks),
+                "num_cpu_blocks": str(swap.pool.num_blocks) if swap is not None else "None",
+                "swap_space_bytes": str(cc.swap_space_bytes),
+                "prefix_caching_hash_algo": "blake2b_keyed"}
+
     def close(self) -> None:
         """Stop what runs beside the engine (the KV-event publisher); idempotent."""
         if self.kv_event_publisher is not None:

@@ -119,7 +119,7 @@ async def _load(state: AppState, load_engine: Callable[[], Any],
     state.model_path = engine.model_path
     state.model_name = state.config.served_model_name or os.path.basename(engine.model_path)
     state.max_model_len = engine.max_model_len
-    state.metrics.engine_ready(engine.max_model_len, _cache_info(engine))
+    state.metrics.engine_ready(engine.max_model_len, engine.cache_config_info())
     token_chars = await state.run_tokenizer(max_token_chars, state.tokenizer)
     state.max_prompt_chars = token_chars * max(1, engine.max_model_len - 1)
     c = state.config
@@ -130,18 +130,6 @@ async def _load(state: AppState, load_engine: Callable[[], Any],
     async_engine.start()
     state.engine = async_engine
     _log_ready(state, engine)
-
-
-def _cache_info(engine) -> dict[str, str]:
-    """The labels of ``cache_config_info``: vLLM's cache config names, conveyor's values."""
-    cc = engine.config.cache
-    swap = getattr(engine.core.scheduler, "swap", None)
-    return {"block_size": str(cc.block_size), "cache_dtype": "auto",
-            "enable_prefix_caching": str(engine.core.kv_manager.enable_prefix_caching),
-            "num_gpu_blocks": str(engine.num_kv_blocks),
-            "num_cpu_blocks": str(swap.pool.num_blocks) if swap is not None else "None",
-            "swap_space_bytes": str(cc.swap_space_bytes),
-            "prefix_caching_hash_algo": "blake2b_keyed"}
 
 
 async def run_on_own_thread(fn: Callable[[], Any]) -> Any:
