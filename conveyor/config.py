@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from conveyor.config_flags import check_fields, field_values, opt, parse_bytes
+from conveyor.kv_events.config import KVEventsConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Batching = Literal["continuous", "static", "dynamic"]
@@ -230,12 +231,14 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Everything an engine needs, grouped by concern (``speculative``: None = off)."""
+    """Everything an engine needs, grouped by concern (``speculative``, ``kv_events``: None =
+    off)."""
 
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     speculative: SpeculativeConfig | None = None
+    kv_events: KVEventsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +252,18 @@ class SpeculativeOption:
         metavar="JSON")
 
 
-ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, SpeculativeOption)
+@dataclass(frozen=True, slots=True)
+class KVEventsOption:
+    """``--kv-events-config``: vLLM's KV cache events over ZMQ (``conveyor.kv_events``)."""
+
+    kv_events_config: str | None = opt(
+        None, "publish KV cache events like vLLM, its JSON: {\"enable_kv_cache_events\":true,"
+              "\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:5557\",\"replay_endpoint\":null,"
+              "\"topic\":\"\"} (also buffer_steps, hwm, max_queue_size; conveyor's "
+              "\"event_encoding\": \"map\" or \"array\") (default: off)", metavar="JSON")
+
+
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, SpeculativeOption, KVEventsOption)
 
 
 def _fail(message: str, field: str) -> None:
@@ -265,9 +279,10 @@ def _require(ok: bool, message: str, field: str) -> None:
 def engine_config_from_kwargs(**kw) -> EngineConfig:
     """Flat vLLM-style keyword arguments (each group's field names; None: the default) ->
     grouped frozen configs. Raises ``ConfigError`` for a name no group has.
-    ``speculative_config`` is JSON text, a dict or a ``SpeculativeConfig``."""
+    ``speculative_config`` / ``kv_events_config``: JSON text, a dict or the config object."""
     from dataclasses import fields
     spec = SpeculativeConfig.from_json(kw.pop("speculative_config", None))
+    kv_events = KVEventsConfig.from_json(kw.pop("kv_events_config", None))
     groups = ENGINE_GROUPS[:3]
     names = [{f.name for f in fields(group)} for group in groups]
     unknown = set(kw).difference(*names)
@@ -275,4 +290,4 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
         _fail(f"unknown engine option(s): {sorted(unknown)}", sorted(unknown)[0])
     parts = [group(**{k: v for k, v in kw.items() if k in keys and v is not None})
              for group, keys in zip(groups, names)]
-    return EngineConfig(*parts, spec)
+    return EngineConfig(*parts, spec, kv_events)

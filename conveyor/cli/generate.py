@@ -72,7 +72,10 @@ def run(args) -> int:
         inputs = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in prompts]
     else:
         inputs = prompts
-    outputs = llm.generate(inputs, params, use_tqdm=len(prompts) > 1)
+    try:
+        outputs = llm.generate(inputs, params, use_tqdm=len(prompts) > 1)
+    finally:
+        llm.close()                  # sends the KV events still queued, if any are published
     for prompt, out in zip(prompts, outputs):
         comp = out.outputs[0]
         if opts.json:

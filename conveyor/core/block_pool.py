@@ -7,18 +7,22 @@ with the same prefix can take it back (``touch``). Free blocks are reused least-
 first, and only then is a cached block's hash evicted.
 
 Invariant (``check_invariant``): free + held == total; cached hashes point at blocks that carry
-that hash.
+that hash. With a ``KVEventLog`` every hash leaving the cache is recorded (``BlockRemoved``; the
+manager records ``BlockStored``, it knows the tokens), and a reset as ``AllBlocksCleared``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from conveyor.core.kv_events import AllBlocksCleared, KVEventLog
+
 
 class BlockPool:
     """``num_blocks`` blocks, ids ``0 .. num_blocks - 1``; allocation is check-then-act."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, events: KVEventLog | None = None):
+        """events: where cache changes are recorded (None: not recorded, no cost)."""
         if num_blocks <= 0:
             raise ValueError("a block pool needs at least one block")
         self.num_blocks = num_blocks
@@ -28,6 +32,7 @@ class BlockPool:
         self._cached: dict[bytes, int] = {}          # prefix hash -> block holding that content
         self._num_cached_free = 0                    # free blocks carrying a hash (kept in step)
         self.num_evictions = 0
+        self.events = events
 
     @property
     def num_free_blocks(self) -> int:
@@ -67,6 +72,8 @@ class BlockPool:
             if self._cached.get(h) == i:
                 del self._cached[h]
                 self.num_evictions += 1
+                if self.events is not None:
+                    self.events.removed(h)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block; blocks reaching zero join the free queue's tail
@@ -94,12 +101,14 @@ class BlockPool:
                     self._num_cached_free -= 1
             self._ref_counts[i] += 1
 
-    def cache_block(self, block_id: int, block_hash: bytes) -> None:
-        """Record that a held, fully computed block holds the content named by ``block_hash``."""
+    def cache_block(self, block_id: int, block_hash: bytes) -> bool:
+        """Record that a held, fully computed block holds the content named by ``block_hash``.
+        Returns whether the cache gained the hash (False: that content is cached already)."""
         if block_hash in self._cached or self._hash_of[block_id] is not None:
-            return                                   # same content cached elsewhere: keep that one
+            return False                             # same content cached elsewhere: keep that one
         self._hash_of[block_id] = block_hash
         self._cached[block_hash] = block_id
+        return True
 
     def uncache_block(self, block_id: int) -> None:
         """Forget the cached content of a held block (it may be corrupt): no later request can
@@ -110,6 +119,24 @@ class BlockPool:
         self._hash_of[block_id] = None
         if self._cached.get(h) == block_id:
             del self._cached[h]
+            if self.events is not None:
+                self.events.removed(h)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash, if no block is held (vLLM's rule: a running request's blocks
+        stay valid). Returns whether it reset; records ``AllBlocksCleared`` when it did."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._hash_of = [None] * self.num_blocks
+        self._cached.clear()
+        self._num_cached_free = 0
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
+        return True
+
+    def cached_hashes(self) -> set[bytes]:
+        """The hashes the prefix cache holds now (what a KV-event subscriber should believe)."""
+        return set(self._cached)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]

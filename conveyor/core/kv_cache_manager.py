@@ -24,6 +24,7 @@ import os
 from array import array
 
 from conveyor.core.block_pool import BlockPool
+from conveyor.core.kv_events import BlockStored
 from conveyor.core.request import Request
 
 
@@ -119,9 +120,25 @@ class KVCacheManager:
         if full <= done:
             return
         hashes, table = self._block_hashes(request), self._tables[rid]
-        for b in range(done, full):
-            self.pool.cache_block(table[b], hashes[b])
+        stored = [b for b in range(done, full) if self.pool.cache_block(table[b], hashes[b])]
         self._num_cached[rid] = full
+        if stored and self.pool.events is not None:
+            self._record_stored(request, hashes, stored)
+
+    def _record_stored(self, request: Request, hashes: list[bytes], stored: list[int]) -> None:
+        """One ``BlockStored`` per run of consecutive newly cached blocks (a block whose content
+        was cached already breaks a run: it is no news)."""
+        bs, tokens = self.block_size, request.all_token_ids
+        start = 0
+        for i in range(1, len(stored) + 1):
+            if i < len(stored) and stored[i] == stored[i - 1] + 1:
+                continue
+            first, last = stored[start], stored[i - 1]
+            self.pool.events.append(BlockStored(
+                tuple(hashes[first:last + 1]), hashes[first - 1] if first else None,
+                tuple(tokens[first * bs:(last + 1) * bs]), bs,
+                request.cache_salt if first == 0 else ""))
+            start = i
 
     def uncache(self, request: Request) -> None:
         """Drop every block the request holds from the prefix cache, the ones it adopted from
@@ -161,6 +178,10 @@ class KVCacheManager:
         if table:
             # Tail first: under LRU reuse a sequence's tail is evicted before its shared head.
             self.pool.free(table[::-1])
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix when no request holds a block (see ``BlockPool``)."""
+        return self.pool.reset_prefix_cache()
 
     def forget(self, request: Request) -> None:
         """Drop per-request hash state once the request is gone for good."""

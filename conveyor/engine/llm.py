@@ -22,7 +22,7 @@ class LLM:
     Keyword arguments are the engine's config fields (``conveyor.config``: dtype, device,
     attention_backend, max_model_len, block_size, num_blocks, kv_cache_bytes,
     max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, seed, ...), vLLM's names; ``speculative_config``: JSON text, a dict
-    or a ``SpeculativeConfig``.
+    or a ``SpeculativeConfig``; ``kv_events_config`` likewise (``conveyor.kv_events``).
     """
 
     def __init__(self, model: str | None = None, **kwargs):
@@ -30,6 +30,15 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (False while a request holds KV blocks; none does between
+        ``generate`` calls)."""
+        return self.engine.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the engine's KV-event publisher, if ``kv_events_config`` started one."""
+        self.engine.close()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -44,12 +44,15 @@ class LLMEngine:
         self.eos_token_ids, self.max_model_len = parts.eos_token_ids, parts.max_model_len
         self.num_kv_blocks = parts.num_blocks
         cc, sc, bs = config.cache, config.scheduler, config.cache.block_size
+        kv_events = _kv_event_publisher(config)
+        self.kv_event_publisher = kv_events     # None unless --kv-events-config enables it
         self.core = EngineCore(self.runner, sc, parts.num_blocks, bs, self.max_model_len,
                                kv_allocation=cc.kv_allocation, record_steps=sc.record_steps,
                                enable_prefix_caching=cc.enable_prefix_caching
                                and sc.batching == "continuous", swap=parts.swap,
                                isolate_tenants=cc.prefix_cache_scope == "tenant",
-                               speculative=config.speculative)
+                               speculative=config.speculative,
+                               record_kv_events=kv_events is not None)
         self.output_processor = OutputProcessor(self.tokenizer, self.core)
         self.structured = StructuredOutputManager(self.tokenizer.hf, self.model.config.vocab_size,
                                                   self.eos_token_ids)
@@ -116,7 +119,41 @@ class LLMEngine:
         """One engine iteration; returns outputs of requests that progressed or finished."""
         core_outputs = self.core.step()
         self.last_step_stats = core_outputs.stats
+        if self.kv_event_publisher is not None:
+            self._publish_kv_events()
         return self.output_processor.process(core_outputs)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's ``reset_prefix_cache``); refused (False, nothing
+        changes) while any request holds KV blocks. Publishes ``AllBlocksCleared`` when it
+        reset."""
+        done = self.core.reset_prefix_cache()
+        if self.kv_event_publisher is not None:
+            self._publish_kv_events()
+        return done
+
+    def _publish_kv_events(self) -> None:
+        events = self.core.take_kv_events()
+        if events:
+            self.kv_event_publisher.publish(events)
+
+    def cache_config_info(self) -> dict[str, str]:
+        """The KV cache's config as vLLM's ``cache_config_info`` labels (names vLLM's, values
+        conveyor's: ``num_gpu_blocks`` is the KV pool whatever the device, ``num_cpu_blocks``
+        the host swap pool)."""
+        cc, swap = self.config.cache, getattr(self.core.scheduler, "swap", None)
+        return {"block_size": str(cc.block_size), "cache_dtype": "auto",
+                "enable_prefix_caching": str(self.core.kv_manager.enable_prefix_caching),
+                "num_gpu_blocks": str(self.num_kv_blocks),
+                "num_cpu_blocks": str(swap.pool.num_blocks) if swap is not None else "None",
+                "swap_space_bytes": str(cc.swap_space_bytes),
+                "prefix_caching_hash_algo": "blake2b_keyed"}
+
+    def close(self) -> None:
+        """Stop what runs beside the engine (the KV-event publisher); idempotent."""
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.close()
+            self.kv_event_publisher = None
 
     def stats(self) -> EngineStats:
         """Scheduler and KV-cache occupancy now, and the cumulative counters (typed, data)."""
@@ -129,6 +166,14 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.core.check_invariants()
+
+
+def _kv_event_publisher(config: EngineConfig):
+    """The ZMQ publisher ``config.kv_events`` asks for, or None (not enabled, or "null")."""
+    if config.kv_events is None or not config.kv_events.is_enabled:
+        return None
+    from conveyor.kv_events.publisher import ZmqEventPublisher
+    return ZmqEventPublisher(config.kv_events)
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -63,7 +63,8 @@ def build_app(config: ServerConfig, load_engine: Callable[[], Any],
     """
     state = AppState(config, RequestLimits(max_n=config.max_n))
     state.metrics = ServingMetrics(lambda: state.engine.snapshot if state.engine else None,
-                                   lambda: state.engine, config.price_per_hour)
+                                   lambda: state.engine, config.price_per_hour,
+                                   config.metrics_names, lambda: state.model_name or None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,6 +119,7 @@ async def _load(state: AppState, load_engine: Callable[[], Any],
     state.model_path = engine.model_path
     state.model_name = state.config.served_model_name or os.path.basename(engine.model_path)
     state.max_model_len = engine.max_model_len
+    state.metrics.engine_ready(engine.max_model_len, engine.cache_config_info())
     token_chars = await state.run_tokenizer(max_token_chars, state.tokenizer)
     state.max_prompt_chars = token_chars * max(1, engine.max_model_len - 1)
     c = state.config

@@ -8,7 +8,7 @@ imported only when keys are checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from conveyor.config_flags import check_fields, opt, parse_bytes
 from conveyor.errors import ConfigError
@@ -78,6 +78,11 @@ class ServerConfig:
         None, "the machine's price per hour in USD: /metrics and /dashboard show the cost per 1M "
               "output and per 1M total tokens (default: no cost shown)", metavar="USD", gt=0,
         max=1e9)
+
+    metrics_names: Literal["conveyor", "vllm", "both"] = opt(
+        "conveyor", "metric names on /metrics: conveyor (conveyor: prefix), vllm (vLLM V1's "
+                    "names and model_name/engine labels, for vLLM dashboards and the Gateway API "
+                    "Inference Extension; conveyor's extras keep their names) or both")
 
     def __post_init__(self) -> None:
         check_fields(self)
