@@ -10,6 +10,8 @@
 #        HF_DIR=HF directory of the model for vLLM (made from the GGUF by gguf_to_hf.py)
 #        DATASET=JSONL workload (default ../shared/peers/workload_small.jsonl)
 #        CONVEYOR_ARGS="extra conveyor serve flags"   CONVEYOR="python -m conveyor.cli" (the command)
+#        peer "conveyor-target" is conveyor with CONVEYOR_ARGS plus TARGET_ARGS (e.g. --target-itl-ms)
+#        GOODPUT="itl:1300 ttft:60000" (bench serve --goodput SLOs)   LLAMA_CTX=tokens per slot
 #        GGUF=path of another GGUF (default SmolLM2's; conveyor gets it as --model, llama-asis-N
 #        runs it as is; the load generator tokenizes with it)   NUM_PROMPTS=first N rows only
 # Needs: conveyor installed (the `conveyor` command), curl. docs/bench.md has the recipe to get
@@ -52,14 +54,15 @@ llama_model() {  # llama_model FORMAT -> path of the GGUF in that format (made o
 start() {  # start NAME: launch the server of that peer on $PORT in the background
   local name=$1
   case $name in
-    conveyor)
+    conveyor|conveyor-target)
+      local extra=""; [ "$name" = conveyor-target ] && extra=${TARGET_ARGS:-}
       # shellcheck disable=SC2086
-      ${CONVEYOR:-conveyor} serve --model "$GGUF" --port "$PORT" --served-model-name default ${CONVEYOR_ARGS:-} \
+      ${CONVEYOR:-conveyor} serve --model "$GGUF" --port "$PORT" --served-model-name default ${CONVEYOR_ARGS:-} $extra \
         >"$OUT/$name.server.log" 2>&1 & ;;
     llama-*)
       local fmt slots; fmt=$(echo "$name" | cut -d- -f2); slots=$(echo "$name" | cut -d- -f3)
       "$LLAMA_SERVER" -m "$(llama_model "$fmt")" --host 127.0.0.1 --port "$PORT" -np "$slots" \
-        -c $((slots * 1024)) -t "$THREADS" --alias default >"$OUT/$name.server.log" 2>&1 & ;;
+        -c $((slots * ${LLAMA_CTX:-1024})) -t "$THREADS" --alias default >"$OUT/$name.server.log" 2>&1 & ;;
     vllm-*)
       VLLM_CPU_KVCACHE_SPACE=4 "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" \
         --served-model-name default --dtype "$( [ "${name#vllm-}" = bf16 ] && echo bfloat16 || echo float32 )" \
@@ -78,7 +81,7 @@ for name in $PEERS; do
       warm_up
       ${CONVEYOR:-conveyor} bench serve --base-url "http://127.0.0.1:$PORT" --model default --send-token-ids \
         --dataset "$DATASET" --request-rate "$rate" --no-progress --tokenizer "$GGUF" \
-        ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} \
+        ${NUM_PROMPTS:+--num-prompts "$NUM_PROMPTS"} ${GOODPUT:+--goodput $GOODPUT} \
         --output-dir "$OUT/$name-rate-$rate" 2>&1 | tee "$OUT/$name-rate-$rate.txt"
     fi
     kill "$SERVER_PID" 2>/dev/null || true
@@ -86,4 +89,4 @@ for name in $PEERS; do
     sleep 2
   done
 done
-python "$HERE/scripts/peer_table.py" "$OUT"
+python "$HERE/scripts/peer_table.py" "$OUT" ${PEER_TABLE_ARGS:-}

@@ -21,6 +21,13 @@ def rows(out: Path):
             yield peer, rate, run["summary"], data["meta"]
 
 
+def _goodput(s) -> str:
+    if s.get("goodput") is None:
+        return "-"
+    met = round((s.get("goodput_fraction") or 0) * s["num_requests"])
+    return f"{s['goodput']:.3f} ({met}/{s['num_requests']})"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
@@ -36,15 +43,15 @@ def main(argv=None) -> None:
         base = next((s["output_throughput"] for p, s in group if p == args.baseline), None)
         print(f"request rate {rate}/s\n")
         print(f"| server | out tok/s | x {args.baseline} | TTFT p50 / p99 ms | ITL p50 / p99 ms "
-              "| E2E p99 s | wall s | ok |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| E2E p99 s | wall s | ok | goodput req/s (met) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for peer, s in sorted(group, key=lambda g: -g[1]["output_throughput"]):
             ratio = f"{s['output_throughput'] / base:.2f}" if base else "-"
             print(f"| {peer} | {s['output_throughput']:.1f} | {ratio} | "
                   f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f} | "
                   f"{s['itl_ms']['p50']:.0f} / {s['itl_ms']['p99']:.0f} | "
                   f"{s['e2e_ms']['p99'] / 1e3:.1f} | {s['duration_s']:.1f} | "
-                  f"{s['completed']}/{s['num_requests']} |")
+                  f"{s['completed']}/{s['num_requests']} | {_goodput(s)} |")
         ranked = sorted(group, key=lambda g: -g[1]["output_throughput"])
         if len(ranked) > 1:
             (best, b), (second, n) = ranked[0], ranked[1]

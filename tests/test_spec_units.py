@@ -9,7 +9,8 @@ import torch
 
 from conveyor.config import SpeculativeConfig
 from conveyor.core.request import Request
-from conveyor.core.spec_policy import MeasuredStepCost, SpecPolicy
+from conveyor.core.spec_policy import SpecPolicy
+from conveyor.core.step_cost import StepCostModel, StepFeatures
 from conveyor.core.speculation import SpecDecodeStats, accept_drafts, history_scope
 from conveyor.errors import ConfigError
 from conveyor.sampling import SamplingMetadata
@@ -61,11 +62,14 @@ def test_history_scope_follows_the_prefix_cache_scope():
 
 
 def test_policy_skips_large_batches_and_low_acceptance():
-    cost = MeasuredStepCost()
-    for n in range(1, 40):
-        cost.observe(n, 0.030 + 0.001 * n)          # 30 ms fixed, 1 ms per token
+    cost = StepCostModel()                          # the engine's one fit, as EngineCore feeds it
+    for n in list(range(1, 40)) + list(range(64, 128, 8)):
+        cost.observe(StepFeatures(n, 1, 0.0), 0.030 + 0.001 * n)   # 30 ms fixed, 1 ms a token
     fixed, per_token = cost.linear_cost()
-    assert fixed == pytest.approx(0.030) and per_token == pytest.approx(0.001)
+    # one row every step: the row term and the intercept are one (the fit splits them)
+    k = cost.coefficients
+    assert fixed + k["per_row"] == pytest.approx(0.030, rel=1e-3)
+    assert per_token == pytest.approx(0.001, rel=1e-3)
     policy = SpecPolicy(4, cost)
     assert policy.plan({"solo": 4}, 1) == {"solo": 4}
     assert policy.plan({f"r{i}": 4 for i in range(200)}, 200) == {}
@@ -77,9 +81,9 @@ def test_policy_skips_large_batches_and_low_acceptance():
 
 
 def test_measured_cost_needs_data():
-    cost = MeasuredStepCost()
+    cost = StepCostModel()
     for _ in range(10):
-        cost.observe(5, 0.01)
+        cost.observe(StepFeatures(5, 1, 0.0), 0.01)
     assert cost.linear_cost() is None              # one token count: no slope to fit
 
 

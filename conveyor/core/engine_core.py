@@ -26,13 +26,12 @@ from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.grammar_wait import GrammarWaitQueue, grammar_bitmask
 from conveyor.core.kv_cache_manager import KVCacheManager
-from conveyor.core.kv_events import KVEvent, KVEventLog
 from conveyor.core.outputs import (EngineCoreOutput, EngineCoreOutputs, ModelRunnerOutput,
                                    SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request
 from conveyor.core.scheduler import Scheduler
 from conveyor.core.stats import EngineStats, collect_stats
-from conveyor.core.spec_policy import MeasuredStepCost, SpecPolicy
+from conveyor.core.spec_policy import SpecPolicy
 from conveyor.core.swap import SwapManager
 from conveyor.errors import CapacityError, InvalidRequestError
 
@@ -51,18 +50,15 @@ class EngineCore:
                  block_size: int, max_model_len: int, clock=time.monotonic,
                  kv_allocation: str = "paged", record_steps: bool = False,
                  enable_prefix_caching: bool = False, swap: SwapManager | None = None,
-                 isolate_tenants: bool = True, speculative: SpeculativeConfig | None = None,
-                 record_kv_events: bool = False):
+                 isolate_tenants: bool = True, speculative: SpeculativeConfig | None = None):
         """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks);
         isolate_tenants: the prefix cache is per tenant (see ``KVCacheManager``); speculative:
-        speculative decoding (the runner must propose drafts), adaptive on measured step costs;
-        record_kv_events: log prefix-cache changes for ``take_kv_events`` (``core.kv_events``)."""
+        speculative decoding (the runner must propose drafts), adaptive on measured step costs."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.clock = clock
-        self.kv_events = KVEventLog() if record_kv_events else None
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks, self.kv_events), block_size,
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size,
                                          reserve_full=kv_allocation == "reservation",
                                          enable_prefix_caching=enable_prefix_caching,
                                          isolate_tenants=isolate_tenants)
@@ -71,12 +67,13 @@ class EngineCore:
         else:
             self.scheduler = BatchScheduler(scheduler_config, self.kv_manager, max_model_len,
                                             scheduler_config.launch_timeout_s, clock)
-        # the adaptive speculation policy's cost fit; None (nothing to feed) without it
-        adaptive = speculative is not None and speculative.adaptive
-        self.spec_step_cost = MeasuredStepCost() if adaptive else None
+        # One step-cost fit per engine (``core.step_cost``), fed once per step: the prefill
+        # budget's, which adaptive speculation reads too.
+        self.step_cost = self.scheduler.prefill.model
         if speculative is not None:
             self.scheduler.spec = SpecPolicy(speculative.num_speculative_tokens,
-                                             self.spec_step_cost)
+                                             self.step_cost if speculative.adaptive else None)
+        self._iteration_start: float | None = None   # the last step's start, while unobserved
         self.num_steps = 0
         self.step_log: list[StepStats] | None = [] if record_steps else None
         self.grammar_wait = GrammarWaitQueue()   # structured outputs still compiling
@@ -122,19 +119,13 @@ class EngineCore:
         done = self.grammar_wait.finish(request_ids, reason, self.clock())
         done += self.scheduler.finish_requests(request_ids, reason, stop_reason)
         self._tell_runner_if_idle()
+        if not self.has_unfinished_requests():     # idle from here: no sleep in the last step
+            self._observe_iteration(self.clock())
         return done
 
     def stats(self) -> EngineStats:
         """Occupancy now and the cumulative counters (typed, data only)."""
         return collect_stats(self.scheduler, self.kv_manager, self.num_steps)
-
-    def take_kv_events(self) -> list[KVEvent]:
-        """The prefix-cache changes since the last call, oldest first (empty when not recorded)."""
-        return self.kv_events.take() if self.kv_events is not None else []
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix; refused (False) while any request holds KV blocks."""
-        return self.kv_manager.reset_prefix_cache()
 
     def _tell_runner_if_idle(self) -> None:
         """No step follows when nothing is left to run: hand the runner the finished ids now."""
@@ -149,6 +140,7 @@ class EngineCore:
         """Run one iteration. Returns the requests that got a token (or finished) this step,
         each stamped with its request's timings and counts, and the step's ``StepStats``."""
         start = self.clock()
+        self._observe_iteration(start)
         ready, failed = self.grammar_wait.poll(start)
         for request in ready:
             self.scheduler.add_request(request)
@@ -164,16 +156,25 @@ class EngineCore:
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         for out in updated:
             out.stamp(sampled[out.request_id])
-        seconds = self.clock() - start
-        self.scheduler.observe_step_time(seconds)
-        if self.spec_step_cost is not None and _decode_only(sched_out):
-            self.spec_step_cost.observe(sched_out.total_num_scheduled_tokens, seconds)
+        self._iteration_start = start
         if self.step_log is not None and not sched_out.is_empty:
             stats.step_index, stats.start_time, stats.end_time = self.num_steps, start, self.clock()
             self.step_log.append(stats)
         self.num_steps += 1
         self._tell_runner_if_idle()
+        if not self.has_unfinished_requests():     # the caller will idle: observe the step now
+            self._observe_iteration(self.clock())
         return EngineCoreOutputs(failed + updated, stats)
+
+    def _observe_iteration(self, now: float) -> None:
+        """Feed the step-cost fit the last executed step's whole iteration: from its start to
+        ``now``, the next step's start. What a client's inter-token gap holds besides the model
+        runner (detokenization, the hand-back, the event loop's share of the GIL, adds and
+        aborts between steps) is in that span. A step after which the engine went idle is
+        observed at its own end instead, so sleep is never counted as work."""
+        if self._iteration_start is not None:
+            self.scheduler.observe_step_time(now - self._iteration_start)
+            self._iteration_start = None
 
     def _fail_requests(self, reasons: dict[str, str]) -> list[EngineCoreOutput]:
         """Finish with "error" the requests whose own work failed in the runner (``reasons``:
@@ -196,12 +197,3 @@ class EngineCore:
         self.kv_manager.check_invariant()
         if getattr(self.scheduler, "swap", None) is not None:
             self.scheduler.swap.check_invariant()
-
-
-def _decode_only(sched_out: SchedulerOutput) -> bool:
-    """A step that computes one token (plus its drafts) per request: the steps whose cost the
-    speculation policy weighs. Prefill chunks are left out of its fit: their tokens cost far less
-    each (no sampling row, one big GEMM), so a fit over them made draft tokens look cheap and
-    kept speculation on in large batches where verifying cost more than it saved."""
-    drafts = sum(len(d) for d in sched_out.scheduled_spec_tokens.values())
-    return sched_out.total_num_scheduled_tokens == len(sched_out.num_scheduled_tokens) + drafts

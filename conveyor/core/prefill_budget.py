@@ -7,7 +7,8 @@ hands the scheduler a ``StepPlan`` that caps every chunk it schedules. The sched
 - decodes are never starved: every running decode is charged to the step before any prefill,
   and prefills leave one token of the token budget per decode not yet scheduled;
 - with ``target_itl_ms`` set, a chunk takes at most what the model predicts fits in the time
-  left of the target (before the model has seen steps of different sizes, a chunk is at most
+  left of the target divided by the learned ``Headroom`` (the p95 of measured / predicted
+  iteration time, so the tail of what a client sees, not the mean, lands under the target) (before the model has seen steps of different sizes, a chunk is at most
   twice the largest step seen: it explores upwards); never more than twice the largest step
   seen, so the fit is not extrapolated far;
 - a prompt still advances: the first prefill of a step gets at least ``MIN_PREFILL_TOKENS``
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from conveyor.config import SchedulerConfig
 from conveyor.core.request import Request
-from conveyor.core.step_cost import StepCostModel, StepFeatures
+from conveyor.core.step_cost import Headroom, StepCostModel, StepFeatures
 
 logger = logging.getLogger("conveyor")
 
@@ -47,6 +48,7 @@ class StepCostSnapshot:
     last_measured_s: float
     mean_abs_error_s: float
     prefill_budget_tokens: int                       # the last step's chosen prefill budget
+    headroom: float = 1.0                            # the target is divided by this
 
 
 @dataclass(slots=True)
@@ -83,7 +85,7 @@ class StepPlan:
         if policy.target_s is not None:
             overhead = model.coefficients["intercept"]
             overhead += sum(model.chunk_seconds(1, r.num_computed_tokens) for r in decodes)
-            self.seconds_left = policy.target_s - overhead
+            self.seconds_left = policy.target_s / policy.headroom.factor - overhead
         self.stats = PlanStats(policy.target_s)
         self.stats.prefill_budget_tokens = self._time_cap(
             max(0, token_budget - len(decodes)), 0) if cfg.enable_chunked_prefill else token_budget
@@ -152,6 +154,7 @@ class PrefillPolicy:
     def __init__(self, config: SchedulerConfig, model: StepCostModel | None = None):
         self.config = config
         self.model = model or StepCostModel()
+        self.headroom = Headroom()
         ms = config.target_itl_ms
         self.target_s = None if ms is None else ms / 1000.0
         self.last_plan: StepPlan | None = None
@@ -175,17 +178,21 @@ class PrefillPolicy:
         f = self._last_features
         if f is None:
             return
+        was_ready = self.model.is_ready
         self.model.observe(f, seconds)
+        if was_ready:
+            self.headroom.observe(self.model.last_predicted_s, seconds)
         self._last_features = None
         if logger.isEnabledFor(logging.DEBUG):
             budget = self.last_plan.stats.prefill_budget_tokens if self.last_plan else 0
             logger.debug("step cost: %d tokens, %d rows: predicted %.1f ms, measured %.1f ms; "
-                         "prefill budget %d tokens", f.num_tokens, f.num_rows,
-                         self.model.last_predicted_s * 1e3, seconds * 1e3, budget)
+                         "prefill budget %d tokens, headroom %.2f", f.num_tokens, f.num_rows,
+                         self.model.last_predicted_s * 1e3, seconds * 1e3, budget,
+                         self.headroom.factor)
 
     def snapshot(self) -> StepCostSnapshot:
         m = self.model
         budget = self.last_plan.stats.prefill_budget_tokens if self.last_plan else 0
         return StepCostSnapshot(self.target_s, tuple(m.coefficients.items()), m.num_steps,
                                 m.is_ready, m.last_predicted_s, m.last_measured_s,
-                                m.mean_abs_error_s, budget)
+                                m.mean_abs_error_s, budget, self.headroom.factor)

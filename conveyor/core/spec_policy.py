@@ -1,8 +1,8 @@
 """How many drafts pay off: per-request acceptance and measured step costs decide.
 
-A step that computes ``n`` tokens is modelled as costing ``a + b * n`` seconds (``StepCostModel``;
-``MeasuredStepCost`` fits it online from the engine's own step times; another model, e.g. a
-shared core estimate, can stand in through the same interface). Draft position ``i`` of a
+A step that computes ``n`` tokens is modelled as costing ``a + b * n`` seconds, read from the
+engine's one step-cost fit (``core.step_cost.StepCostModel.linear_cost``: fitted on the whole
+engine iteration, fed once per step by ``EngineCore``; the prefill budget uses the same fit). Draft position ``i`` of a
 request whose tokens are accepted with probability ``alpha`` adds ``alpha ** i`` expected tokens
 for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first, while they raise the step's
 expected tokens per second, so a request with low acceptance gets none, and a batch so large that
@@ -13,43 +13,16 @@ retried once its estimate drifts back towards the prior. No torch.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 _DECAY = 0.9           # weight of older drafts in a request's acceptance estimate, per update
-_WINDOW = 256          # step measurements kept for the fit
-_MIN_SAMPLES = 8
 
 
-class StepCostModel(Protocol):
+class LinearStepCost(Protocol):
     """Seconds a step of ``num_tokens`` tokens costs as ``(fixed, per_token)``; None = unknown."""
 
     def linear_cost(self) -> tuple[float, float] | None: ...
-
-
-class MeasuredStepCost:
-    """Least-squares ``seconds = a + b * tokens`` over the last steps the engine measured."""
-
-    def __init__(self):
-        self._samples: deque[tuple[int, float]] = deque(maxlen=_WINDOW)
-
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens > 0 and seconds >= 0:
-            self._samples.append((num_tokens, seconds))
-
-    def linear_cost(self) -> tuple[float, float] | None:
-        if len(self._samples) < _MIN_SAMPLES:
-            return None
-        n = len(self._samples)
-        mx = sum(t for t, _ in self._samples) / n
-        my = sum(s for _, s in self._samples) / n
-        var = sum((t - mx) ** 2 for t, _ in self._samples)
-        if var == 0:
-            return None
-        b = sum((t - mx) * (s - my) for t, s in self._samples) / var
-        b = max(b, 0.0)
-        return max(my - b * mx, 0.0), b
 
 
 @dataclass(slots=True)
@@ -65,7 +38,7 @@ class _Acceptance:
 class SpecPolicy:
     """Per-request acceptance tracking and the per-step draft plan."""
 
-    def __init__(self, num_speculative_tokens: int, cost: StepCostModel | None):
+    def __init__(self, num_speculative_tokens: int, cost: LinearStepCost | None):
         """cost None: not adaptive (every request gets ``num_speculative_tokens``)."""
         self.k = num_speculative_tokens
         self.cost = cost

@@ -11,12 +11,24 @@ step's features and measured time to ``observe``; the fit is exponentially weigh
 (older steps count less, so a machine whose speed drifts is followed), solved with the
 coefficients kept >= 0 (a step never gets cheaper by adding work). No torch, no numpy.
 
+What is fitted is the engine's whole iteration, not only the model runner's step: the engine
+feeds the time from one step's start to the next's (``EngineCore.step``), so output processing,
+detokenization, the hand-back to the event loop and the GIL that loop holds meanwhile are all in
+the coefficients (per row, mostly). This one fit serves both the prefill budget
+(``core.prefill_budget``) and adaptive speculation (``core.spec_policy``, through
+``linear_cost``).
+
+``Headroom`` keeps what the mean fit cannot: a high quantile of measured / predicted, tracked
+online and clamped to ``[1, MAX_HEADROOM]``, so the budget aims the step's *p95*, not its mean, at
+the target.
+
 Contract: ``predict`` returns 0 before the first observation; ``is_ready`` says when enough steps
 of different sizes were seen for the budget to trust it (``core.prefill_budget`` explores before).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 NUM_FEATURES = 4
@@ -28,6 +40,9 @@ _RIDGE = 1e-9          # relative to the largest diagonal entry: only breaks exa
 _ERROR_DECAY = 0.05    # the error gauge follows the last ~20 steps
 MIN_READY_STEPS = 8
 MIN_READY_TOKEN_SPAN = 64    # the steps seen must differ by at least this many tokens
+HEADROOM_QUANTILE = 0.95     # the quantile of measured / predicted the headroom tracks
+HEADROOM_RATE = 0.05         # log-space step of the quantile tracker
+MAX_HEADROOM = 3.0           # the correction never shrinks the target below a third
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +125,13 @@ class StepCostModel:
         """Predicted seconds of a step with these features (0 before any observation)."""
         return sum(c * x for c, x in zip(self._coef, features.vector()))
 
+    def linear_cost(self) -> tuple[float, float] | None:
+        """``(fixed, per_token)`` seconds of a step, for ``core.spec_policy``; None until ready."""
+        if not self.is_ready:
+            return None
+        k = self.coefficients
+        return k["intercept"], k["per_token"]
+
     @property
     def coefficients(self) -> dict[str, float]:
         """Seconds per unit of each raw feature (per step, token, row, context pair)."""
@@ -134,6 +156,34 @@ class StepCostModel:
             else:
                 hi = mid - 1
         return lo
+
+
+class Headroom:
+    """Online ``HEADROOM_QUANTILE`` quantile of measured / predicted step time, in
+    ``[1, MAX_HEADROOM]`` (a stochastic-approximation tracker in log space: an observation above
+    the estimate raises it by ``rate * q``, one below lowers it by ``rate * (1 - q)``, so it
+    settles where a fraction ``q`` of ratios lie below). Bounded by construction: it cannot drift
+    past the clamp however the machine behaves, and it recovers once ratios fall again."""
+
+    def __init__(self, quantile: float = HEADROOM_QUANTILE, rate: float = HEADROOM_RATE,
+                 ceiling: float = MAX_HEADROOM):
+        self.quantile, self.rate = quantile, rate
+        self._log_max = math.log(ceiling)
+        self._log = 0.0
+        self.num_observed = 0
+
+    @property
+    def factor(self) -> float:
+        """The target is divided by this (1.0 until a step ran longer than predicted)."""
+        return math.exp(self._log)
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if predicted_s <= 0 or measured_s < 0:
+            return
+        self.num_observed += 1
+        above = math.log(max(measured_s, 1e-12) / predicted_s) > self._log
+        self._log += self.rate * (self.quantile if above else self.quantile - 1.0)
+        self._log = min(max(self._log, 0.0), self._log_max)
 
 
 def _nonnegative_solve(gram, moment) -> list[float]:

@@ -43,7 +43,9 @@ class StepCostCollector(Collector):
             ("step_cost_model_ready", "1 once the fit has seen enough steps of different sizes.",
              int(snap.is_ready)),
             ("prefill_budget_tokens", "Prefill tokens a fresh prompt could take in the last step "
-             "(the chosen budget).", snap.prefill_budget_tokens))
+             "(the chosen budget).", snap.prefill_budget_tokens),
+            ("step_cost_headroom_ratio", "The step-time target is divided by this: the tracked "
+             "p95 of measured / predicted iteration time, in [1, 3].", snap.headroom))
         for name, doc, value in gauges:
             yield GaugeMetricFamily(p + name, doc, value=value)
         if snap.target_s is not None:
