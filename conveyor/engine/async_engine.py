@@ -134,6 +134,7 @@ class AsyncEngine:
             self.left_behind = True
             logger.error("the engine thread did not stop (stuck inside a step); leaving it behind")
             self._fail_streams("the engine stopped while the request was running")
+        self.engine.shutdown()      # its worker processes; a step left behind then fails
 
     # ------------------------------------------------------------------ state
     @property

@@ -130,6 +130,11 @@ class LLMEngine:
     def check_invariants(self) -> None:
         self.core.check_invariants()
 
+    def shutdown(self) -> None:
+        """Release the processes the engine started (tensor-parallel workers); idempotent. The
+        engine cannot step afterwards. Without it they are stopped at interpreter exit."""
+        self.runner.shutdown()
+
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
     """A child's own params: one sequence with its own seed (the parent checked seed + n - 1)."""
