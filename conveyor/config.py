@@ -168,6 +168,21 @@ class SchedulerConfig:
                   "max_long_partial_prefills")
 
 
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """How many processes run the model: ``tensor_parallel_size`` ranks, each holding 1/N of every
+    layer's heads and MLP columns (``conveyor/distributed``). Whether N divides the model's head
+    and MLP sizes is checked once the checkpoint's config is read (``ConfigError`` naming them)."""
+
+    tensor_parallel_size: int = opt(
+        1, "tensor-parallel ranks, one process each (gloo on CPU, NCCL on CUDA: rank r on "
+           "cuda:r); N must divide the attention heads, KV heads and intermediate size",
+        aliases=("-tp",), min=1, max=512)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 SPEC_METHODS = ("ngram", "suffix", "draft_model")
 
 
@@ -239,6 +254,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     speculative: SpeculativeConfig | None = None
     kv_events: KVEventsConfig | None = None
+    parallel: ParallelConfig = ParallelConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +279,8 @@ class KVEventsOption:
               "\"event_encoding\": \"map\" or \"array\") (default: off)", metavar="JSON")
 
 
-ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, SpeculativeOption, KVEventsOption)
+ENGINE_GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, SpeculativeOption,
+                 KVEventsOption)
 
 
 def _fail(message: str, field: str) -> None:
@@ -283,11 +300,12 @@ def engine_config_from_kwargs(**kw) -> EngineConfig:
     from dataclasses import fields
     spec = SpeculativeConfig.from_json(kw.pop("speculative_config", None))
     kv_events = KVEventsConfig.from_json(kw.pop("kv_events_config", None))
-    groups = ENGINE_GROUPS[:3]
+    groups = ENGINE_GROUPS[:4]
     names = [{f.name for f in fields(group)} for group in groups]
     unknown = set(kw).difference(*names)
     if unknown:
         _fail(f"unknown engine option(s): {sorted(unknown)}", sorted(unknown)[0])
     parts = [group(**{k: v for k, v in kw.items() if k in keys and v is not None})
              for group, keys in zip(groups, names)]
-    return EngineConfig(*parts, spec, kv_events)
+    model, cache, scheduler, parallel = parts
+    return EngineConfig(model, cache, scheduler, spec, kv_events, parallel)

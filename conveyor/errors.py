@@ -57,3 +57,8 @@ class UnsupportedModelError(ModelLoadError):
 
 class CapacityError(ConveyorError):
     """A request can never fit in the KV cache as configured (it would be retried forever)."""
+
+
+class TensorParallelError(ConveyorError):
+    """A tensor-parallel worker process failed (died, or raised while loading or stepping): the
+    engine cannot step any more; the message names the rank and how it ended."""

@@ -136,6 +136,8 @@ class AsyncEngine:
             self._fail_streams("the engine stopped while the request was running")
         elif hasattr(self.engine, "close"):
             await asyncio.to_thread(self.engine.close)    # its KV-event publisher, if any
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()      # its worker processes; a step left behind then fails
 
     # ------------------------------------------------------------------ state
     @property

@@ -56,7 +56,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if attention_backend == "auto":
         from conveyor.attention.select import default_backend
         attention_backend = default_backend(device)
-    model = build_model(model_path, dtype, device, attention_backend, mc.quantization)
+    tp = config.parallel.tensor_parallel_size
+    model = build_model(model_path, dtype, device, attention_backend, mc.quantization,
+                        tp_rank=0, tp_size=tp)
     attention_backend = model.dispatch.attention_backend
     arch = model.config
     eos_token_ids = tokenizer.eos_token_ids | arch.eos_token_ids
@@ -66,13 +68,35 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     kv = allocate_kv_caches(model, num_blocks, bs, dtype, device)
     swap, host_kv = _swap_manager(config, model, dtype)
     proposer = _proposer(config, model, dtype, device, attention_backend, num_blocks)
-    runner = ModelRunner(model, kv, bs, eos_token_ids, device, mc.seed, host_kv, proposer)
-    logger.info("model %s (%s) on %s, dtype %s%s, attention %s; %s", model_path,
+    args = (model, kv, bs, eos_token_ids, device, mc.seed, host_kv, proposer)
+    if tp == 1:
+        runner = ModelRunner(*args)
+    else:
+        runner = _tp_runner(config, args, model_path, attention_backend, dtype, num_blocks)
+    logger.info("model %s (%s) on %s, dtype %s%s, attention %s%s; %s", model_path,
                 arch.architecture, device, dtype,
                 f", {mc.quantization} GEMMs" if mc.quantization else "", attention_backend,
-                platform.describe(device))
+                f", tensor parallel over {tp} ranks" if tp > 1 else "", platform.describe(device))
     return EngineParts(model_path, device, dtype, attention_backend, tokenizer, model,
                        eos_token_ids, num_blocks, max_model_len, runner, swap)
+
+
+def _tp_runner(config: EngineConfig, args: tuple, model_path: str, attention_backend: str,
+               dtype: torch.dtype, num_blocks: int) -> ModelRunner:
+    """Rank 0's runner: start ranks 1..N-1 (each loads its shard), join them, shard the
+    row-parallel layers of rank 0's model (``args[0]``, already loaded as shard 0)."""
+    from conveyor.distributed.group import TPWorkerGroup, default_num_threads
+    from conveyor.distributed.runner import TPModelRunner
+    from conveyor.distributed.worker import WorkerSpec
+    from conveyor.models.parallel import parallelize
+    mc, tp, device, host_kv = config.model, config.parallel.tensor_parallel_size, args[4], args[6]
+    spec = WorkerSpec(model_path, str(dtype).removeprefix("torch."), str(device),
+                      attention_backend, mc.quantization, tp, num_blocks,
+                      config.cache.block_size, host_kv[0].shape[1] if host_kv else None,
+                      default_num_threads(tp))
+    workers = TPWorkerGroup.start(spec)
+    parallelize(args[0], workers.comm)
+    return TPModelRunner(*args, workers=workers)
 
 
 def _proposer(config: EngineConfig, model, dtype: torch.dtype, device: torch.device,

@@ -167,6 +167,11 @@ class LLMEngine:
     def check_invariants(self) -> None:
         self.core.check_invariants()
 
+    def shutdown(self) -> None:
+        """Release the processes the engine started (tensor-parallel workers); idempotent. The
+        engine cannot step afterwards. Without it they are stopped at interpreter exit."""
+        self.runner.shutdown()
+
 
 def _kv_event_publisher(config: EngineConfig):
     """The ZMQ publisher ``config.kv_events`` asks for, or None (not enabled, or "null")."""

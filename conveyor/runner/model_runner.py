@@ -13,7 +13,7 @@ import torch
 
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.models.layers import CausalLM
-from conveyor.runner.input_batch import CachedRequestState, build_flat_batch
+from conveyor.runner.input_batch import CachedRequestState, FlatBatch, build_flat_batch
 from conveyor.runner.row_sampling import sample_isolated
 from conveyor.runner.spec_step import grammar_mask, propose_drafts, stage_drafts, verify_step
 from conveyor.spec_decode.ngram import Proposer
@@ -29,6 +29,21 @@ def allocate_kv_caches(model: CausalLM, num_blocks: int, block_size: int,
     shape = (2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
     # Zeroed: padded attention reads slots past a sequence's end (masked, but 0 * NaN is NaN).
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
+def swap_blocks(kv_caches: list[torch.Tensor], host_kv_caches: list[torch.Tensor] | None,
+                swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+    """Copy (src, dst) block pairs device -> host, then host -> device: swap-outs first, since a
+    device block freed by one may be filled by the other."""
+    for pairs, to_host in ((swap_out, True), (swap_in, False)):
+        if not pairs:
+            continue
+        src_idx, dst_idx = (torch.tensor(x) for x in zip(*pairs))
+        for dev, host in zip(kv_caches, host_kv_caches):
+            if to_host:
+                host[:, dst_idx] = dev[:, src_idx.to(dev.device)].to("cpu")
+            else:
+                dev[:, dst_idx.to(dev.device)] = host[:, src_idx].to(dev.device)
 
 
 class ModelRunner:
@@ -83,17 +98,16 @@ class ModelRunner:
             st.block_ids.extend(cached.new_block_ids)
             st.num_computed_tokens = cached.num_computed_tokens
 
+    def shutdown(self) -> None:
+        """Release what outlives the runner (nothing here; the tensor-parallel runner's workers)."""
+
     def _swap(self, sched: SchedulerOutput) -> None:
-        """Swap-outs first, then swap-ins: a device block freed by one may be filled by the other."""
-        for pairs, to_host in ((sched.swap_out, True), (sched.swap_in, False)):
-            if not pairs:
-                continue
-            src_idx, dst_idx = (torch.tensor(x) for x in zip(*pairs))
-            for dev, host in zip(self.kv_caches, self.host_kv_caches):
-                if to_host:
-                    host[:, dst_idx] = dev[:, src_idx.to(dev.device)].to("cpu")
-                else:
-                    dev[:, dst_idx.to(dev.device)] = host[:, src_idx].to(dev.device)
+        swap_blocks(self.kv_caches, self.host_kv_caches, sched.swap_out, sched.swap_in)
+
+    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+        """The model over the flat batch (its hidden states, ``[T, H]``); the tensor-parallel
+        runner first hands the same batch to the other ranks."""
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -105,7 +119,7 @@ class ModelRunner:
         stage_drafts(sched, self.states)
         batch = build_flat_batch(sched, self.states, self.block_size, self.device,
                                  self.scratch_block)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, H]
+        hidden = self._forward(batch)                                          # [T, H]
         for rid, n in sched.num_scheduled_tokens.items():
             self.states[rid].num_computed_tokens += n
         if batch.logits_indices.numel() == 0:

@@ -18,6 +18,7 @@ from conveyor.models import registry
 from conveyor.models.int8 import check_supported, quantize_linears
 from conveyor.models.layers import CausalLM
 from conveyor.models.packed import pack_linears
+from conveyor.models.parallel import local_arch, shard_state_dict
 from conveyor.models.rope import RotaryEmbedding
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,9 +65,12 @@ def load_checkpoint(path: str) -> tuple[ArchConfig, dict[str, torch.Tensor]]:
 
 
 def build_model(path: str, dtype: torch.dtype, device: torch.device,
-                attention_backend: str = "sdpa", quantization: str | None = None) -> CausalLM:
+                attention_backend: str = "sdpa", quantization: str | None = None,
+                tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
     """Load weights into the module tree of the checkpoint's family (``models/registry.py``;
-    strict: every parameter present, nothing unknown); with ``quantization="int8"`` the layer GEMMs become int8 (``models/int8.py``); the remaining
+    strict: every parameter present, nothing unknown); with ``tp_size`` > 1, rank ``tp_rank``'s
+    shard (``models/parallel.py``: its ``config`` is the local one; ``parallelize`` it once the
+    ranks are connected); with ``quantization="int8"`` the layer GEMMs become int8 (``models/int8.py``); the remaining
     linear layers are prepacked for oneDNN where supported (``models/packed.py``). An int8 that
     cannot run here is refused (ConfigError) before the checkpoint is read."""
     if quantization == "int8":
@@ -75,9 +79,11 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     family = registry.family(cfg.architecture)
+    local = local_arch(cfg, tp_size)
     with torch.device("meta"):
-        model = family.MODEL_CLASS(cfg, attention_backend, dtype=dtype, device=device)
+        model = family.MODEL_CLASS(local, attention_backend, dtype=dtype, device=device)
     state = family.convert_hf_state({k: v.to(dtype) for k, v in state.items()}, cfg)
+    state = shard_state_dict(state, cfg, tp_rank, tp_size)
     expected = {k for k, _ in model.named_parameters()}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     unexpected = {k for k in unexpected if "rotary_emb" not in k}
@@ -89,7 +95,7 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device,
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.reset_tables(cfg)
+            module.reset_tables(local)
     model = model.to(device).eval()
     if quantization == "int8":
         quantize_linears(model)
