@@ -26,6 +26,7 @@ from conveyor.core.batch_scheduler import BatchScheduler
 from conveyor.core.block_pool import BlockPool
 from conveyor.core.grammar_wait import GrammarWaitQueue, grammar_bitmask
 from conveyor.core.kv_cache_manager import KVCacheManager
+from conveyor.core.kv_events import KVEvent, KVEventLog
 from conveyor.core.outputs import (EngineCoreOutput, EngineCoreOutputs, ModelRunnerOutput,
                                    SchedulerOutput, StepStats)
 from conveyor.core.request import FinishReason, Request
@@ -50,15 +51,18 @@ class EngineCore:
                  block_size: int, max_model_len: int, clock=time.monotonic,
                  kv_allocation: str = "paged", record_steps: bool = False,
                  enable_prefix_caching: bool = False, swap: SwapManager | None = None,
-                 isolate_tenants: bool = True, speculative: SpeculativeConfig | None = None):
+                 isolate_tenants: bool = True, speculative: SpeculativeConfig | None = None,
+                 record_kv_events: bool = False):
         """record_steps: keep a ``StepStats`` per executed step in ``step_log`` (benchmarks);
         isolate_tenants: the prefix cache is per tenant (see ``KVCacheManager``); speculative:
-        speculative decoding (the runner must propose drafts), adaptive on measured step costs."""
+        speculative decoding (the runner must propose drafts), adaptive on measured step costs;
+        record_kv_events: log prefix-cache changes for ``take_kv_events`` (``core.kv_events``)."""
         self.executor = executor
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.clock = clock
-        self.kv_manager = KVCacheManager(BlockPool(num_blocks), block_size,
+        self.kv_events = KVEventLog() if record_kv_events else None
+        self.kv_manager = KVCacheManager(BlockPool(num_blocks, self.kv_events), block_size,
                                          reserve_full=kv_allocation == "reservation",
                                          enable_prefix_caching=enable_prefix_caching,
                                          isolate_tenants=isolate_tenants)
@@ -126,6 +130,14 @@ class EngineCore:
     def stats(self) -> EngineStats:
         """Occupancy now and the cumulative counters (typed, data only)."""
         return collect_stats(self.scheduler, self.kv_manager, self.num_steps)
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The prefix-cache changes since the last call, oldest first (empty when not recorded)."""
+        return self.kv_events.take() if self.kv_events is not None else []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; refused (False) while any request holds KV blocks."""
+        return self.kv_manager.reset_prefix_cache()
 
     def _tell_runner_if_idle(self) -> None:
         """No step follows when nothing is left to run: hand the runner the finished ids now."""
@@ -197,3 +209,4 @@ class EngineCore:
         self.kv_manager.check_invariant()
         if getattr(self.scheduler, "swap", None) is not None:
             self.scheduler.swap.check_invariant()
+
