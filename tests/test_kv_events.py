@@ -305,7 +305,7 @@ def test_zmq_subscriber_replays_a_real_engine_workload(tiny_llama_dir, tmp_path)
         assert pub.num_dropped == 0
     finally:
         sub.close()
-        engine.close()
+        engine.shutdown()
 
 
 def test_a_full_queue_drops_batches_without_blocking():

@@ -134,10 +134,8 @@ class AsyncEngine:
             self.left_behind = True
             logger.error("the engine thread did not stop (stuck inside a step); leaving it behind")
             self._fail_streams("the engine stopped while the request was running")
-        elif hasattr(self.engine, "close"):
-            await asyncio.to_thread(self.engine.close)    # its KV-event publisher, if any
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()      # its worker processes; a step left behind then fails
+        if hasattr(self.engine, "shutdown"):    # KV-event publisher and TP workers; a step
+            await asyncio.to_thread(self.engine.shutdown)      # left behind then fails
 
     # ------------------------------------------------------------------ state
     @property

@@ -37,8 +37,9 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def close(self) -> None:
-        """Stop the engine's KV-event publisher, if ``kv_events_config`` started one."""
-        self.engine.close()
+        """Release what the engine started beside it (``LLMEngine.shutdown``: the KV-event
+        publisher, tensor-parallel workers); the LLM cannot generate afterwards."""
+        self.engine.shutdown()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

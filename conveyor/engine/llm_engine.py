@@ -149,12 +149,6 @@ class LLMEngine:
                 "swap_space_bytes": str(cc.swap_space_bytes),
                 "prefix_caching_hash_algo": "blake2b_keyed"}
 
-    def close(self) -> None:
-        """Stop what runs beside the engine (the KV-event publisher); idempotent."""
-        if self.kv_event_publisher is not None:
-            self.kv_event_publisher.close()
-            self.kv_event_publisher = None
-
     def stats(self) -> EngineStats:
         """Scheduler and KV-cache occupancy now, and the cumulative counters (typed, data)."""
         return self.core.stats()
@@ -168,8 +162,12 @@ class LLMEngine:
         self.core.check_invariants()
 
     def shutdown(self) -> None:
-        """Release the processes the engine started (tensor-parallel workers); idempotent. The
-        engine cannot step afterwards. Without it they are stopped at interpreter exit."""
+        """Release what the engine started beside it: the KV-event publisher (queued events are
+        sent first) and the tensor-parallel workers; idempotent. The engine cannot step
+        afterwards. Without it the workers are stopped at interpreter exit."""
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.close()
+            self.kv_event_publisher = None
         self.runner.shutdown()
 
 
