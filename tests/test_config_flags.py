@@ -19,9 +19,10 @@ from conveyor.config import (ENGINE_GROUPS, CacheConfig, EngineConfig, ModelConf
 from conveyor.config_flags import add_config_flags, config_from_args, field_types, flag_specs
 from conveyor.errors import ConfigError, InvalidRequestError
 from conveyor.server import app as server_module
+from conveyor.ray.config import RayConfig
 from conveyor.server.server_config import ServerConfig
 
-SERVE_CONFIGS = (ServerConfig, *ENGINE_GROUPS, LogConfig)
+SERVE_CONFIGS = (ServerConfig, *ENGINE_GROUPS, LogConfig, RayConfig)
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -138,13 +139,17 @@ HOSTILE = [(spec.name, value) for cls in SERVE_CONFIGS for spec in flag_specs(cl
            # 0 blocks/bytes of swap etc. are refused; these optional limits accept any positive
            if (spec.name, value) not in {("--seed", "0"), ("--shutdown-timeout", "0"),
                                          ("--batch-timeout-s", "0"),
-                                         ("--long-prefill-token-threshold", "0")}]
+                                         ("--long-prefill-token-threshold", "0"),
+                                         ("--replicas", "0")}]      # 0: no Ray, one server
 HOSTILE += [("--api-key", ""), ("--api-key", " k"), ("--tenant-weight", "a=0"),
             ("--tenant-weight", "=1"), ("--tenant-weight", "a=nan"), ("--host", ""),
             ("--served-model-name", ""), ("--max-model-len", "99999999999"),
             ("--max-num-seqs", "1000000000"), ("--block-size", "3"), ("--block-size", "1048576"),
             ("--port", "65536"), ("--device", "tpu"), ("--device", "cuda:x"),
-            ("--kv-cache-memory", "12 parsecs"), ("--max-n", "100000")]
+            ("--kv-cache-memory", "12 parsecs"), ("--max-n", "100000"),
+            ("--kv-events-config", "{"), ("--kv-events-config", "[]"),
+            ("--kv-events-config", '{"publisher": "carrier-pigeon"}'),
+            ("--autoscaling-config", "{"), ("--autoscaling-config", "[]")]
 
 
 @pytest.mark.parametrize("flag,value", HOSTILE)
