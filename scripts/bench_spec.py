@@ -9,8 +9,10 @@ alternating on one engine, then llama.cpp's server with and without its n-gram s
 
 Grounded chats run one request at a time (one user); the peer workload all at once with up to
 ``--peer-concurrency`` requests running (one engine per value, ``max_num_seqs``). Everything is
-greedy with EOS ignored (``bench_params``), so both variants generate the same number of tokens
-(checked). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
+greedy (``bench_params``); the peer workload ignores EOS (every system does the same work), the
+grounded chats end where the answer ends (their rows say ``"ignore_eos": false``: a user is not
+served the tokens after EOS). Greedy outputs are identical with and without speculation, so both
+variants generate the same tokens (their lengths are checked). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
 llama.cpp gets the same token ids over ``/v1/completions`` (a fresh server per variant, one
 slot); its ``timings`` give draft and accepted counts. Prints one JSON line per run, then a
 markdown table with the machine, its load, the date and this command.
@@ -135,7 +137,7 @@ def _llama_run(server: str, gguf: str, extra: str, workload: Workload, port: int
             t0 = time.monotonic()
             out = _post(base + "/v1/completions", {
                 "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
-                "ignore_eos": True, "cache_prompt": False})
+                "ignore_eos": req.ignore_eos, "cache_prompt": False})
             busy += time.monotonic() - t0
             tokens += out["usage"]["completion_tokens"]
             timings = out.get("timings") or {}

@@ -80,6 +80,19 @@ def test_policy_skips_large_batches_and_low_acceptance():
     assert SpecPolicy(4, None).plan({"x": 2, "y": 0}, 200) == {"x": 2}
 
 
+def test_acceptance_counts_only_positions_reached():
+    """A long draft rejected after a long accepted run is a high acceptance rate: the positions
+    after the rejection were never tried (counting them as failures would stop long drafts)."""
+    policy = SpecPolicy(24, None)
+    for _ in range(30):
+        policy.record("copy", 24, 11)       # 11 accepted, then a rejection: 11 of 12 trials
+        policy.record("full", 8, 8)         # all accepted: 8 of 8, no rejection
+        policy.record("none", 24, 0)        # first position rejected: 0 of 1
+    assert policy.alpha("copy") == pytest.approx(11 / 12, abs=0.01)
+    assert policy.alpha("full") > 0.98
+    assert policy.alpha("none") < 0.15
+
+
 def test_measured_cost_needs_data():
     cost = StepCostModel()
     for _ in range(10):

@@ -2,7 +2,8 @@
 
 JSONL: one JSON object per line with ``prompt`` (text or token ids) or ``messages`` (chat, rendered
 with the tokenizer's chat template), ``max_tokens``, and optional ``arrival_s`` (seconds after the
-start), ``priority``, ``tenant``, ``id``. Blank lines are skipped. ShareGPT: a JSON list of
+start), ``priority``, ``tenant``, ``id``, ``ignore_eos`` (default true: exactly ``max_tokens``
+tokens; false: the request may end at EOS). Blank lines are skipped. ShareGPT: a JSON list of
 ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}``;
 the first turn is the prompt and the second turn's token count is ``max_tokens``.
 
@@ -83,9 +84,12 @@ def _row_to_request(row: dict, where: str, index: int, tokenizer,
         raise WorkloadError(f"{where}: 'priority' must be an integer, got {priority!r}")
     if not isinstance(tenant, str):
         raise WorkloadError(f"{where}: 'tenant' must be a string, got {tenant!r}")
+    ignore_eos = row.get("ignore_eos", True)
+    if not isinstance(ignore_eos, bool):
+        raise WorkloadError(f"{where}: 'ignore_eos' must be true or false, got {ignore_eos!r}")
     prompt_len = len(ids) if ids is not None else _declared_len(row, prompt)
     return BenchRequest(str(row.get("id", index)), prompt, prompt_len, max_tokens, float(arrival),
-                        priority, tenant, ids)
+                        priority, tenant, ids, ignore_eos)
 
 
 def _row_prompt(row: dict, where: str, tokenizer) -> tuple[str | list[int], list[int] | None]:

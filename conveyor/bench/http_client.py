@@ -38,11 +38,12 @@ class ServerError(InvalidRequestError):
 
 
 def completion_payload(req: BenchRequest, model: str, send_token_ids: bool = False) -> dict:
-    """The /v1/completions body for one benchmark request (greedy, EOS ignored, streamed)."""
+    """The /v1/completions body for one benchmark request (greedy, streamed, EOS ignored unless
+    the request says otherwise)."""
     use_ids = send_token_ids and req.prompt_token_ids is not None
     prompt = req.prompt_token_ids if use_ids else req.prompt
     body = {"model": model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": req.ignore_eos}
     if req.priority:
         body["priority"] = req.priority
     return body

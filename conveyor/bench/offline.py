@@ -44,9 +44,9 @@ class RunResult:
     engine_stats: dict | None = None
 
 
-def bench_params(max_tokens: int) -> SamplingParams:
-    """Greedy, EOS ignored: every request generates exactly ``max_tokens`` tokens."""
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def bench_params(max_tokens: int, ignore_eos: bool = True) -> SamplingParams:
+    """Greedy; EOS ignored unless asked (then every request generates exactly ``max_tokens``)."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
 
 
 def warm_up(engine, num_requests: int = 2, prompt_len: int = 16, max_tokens: int = 4) -> None:
@@ -144,7 +144,7 @@ def _submit(engine, req: BenchRequest, prefix: str, t0: float, send_priority: bo
                         tenant=req.tenant, priority=req.priority)
     prompt = req.prompt_token_ids if req.prompt_token_ids is not None else req.prompt
     try:
-        engine.add_request(prompt, bench_params(req.max_tokens), request_id=prefix + req.request_id,
+        engine.add_request(prompt, bench_params(req.max_tokens, req.ignore_eos), request_id=prefix + req.request_id,
                            arrival_time=t0 + req.arrival_s,
                            priority=req.priority if send_priority else 0, tenant=req.tenant)
     except ConveyorError as e:

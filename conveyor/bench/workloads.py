@@ -53,6 +53,8 @@ class BenchRequest:
     prompt: what an HTTP client sends (text when known, else token ids).
     prompt_token_ids: the exact tokens when known (the in-process engine uses them as is).
     arrival_s: seconds after the benchmark starts at which the request is sent.
+    ignore_eos: generate exactly ``max_tokens`` (the default, so every system does the same work);
+        False lets the request end at EOS (a chat answered as a user would see it).
     """
 
     request_id: str
@@ -63,6 +65,7 @@ class BenchRequest:
     priority: int = 0
     tenant: str = ""
     prompt_token_ids: list[int] | None = None
+    ignore_eos: bool = True
 
 
 @dataclass(slots=True)

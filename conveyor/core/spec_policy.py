@@ -8,7 +8,9 @@ for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first, while they ra
 expected tokens per second, so a request with low acceptance gets none, and a batch so large that
 a step's cost is mostly per token gets none at all. Each request's ``alpha`` is a Beta(1, 1)
 estimate over its recent drafts; the counts decay so that a request skipped for low acceptance is
-retried once its estimate drifts back towards the prior. No torch.
+retried once its estimate drifts back towards the prior. The estimate counts the positions
+verification reached (accepted, plus the one rejected), the maximum-likelihood rate for this
+model. No torch.
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ class SpecPolicy:
         self._acceptance: dict[str, _Acceptance] = {}
 
     def record(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+        """One verified draft. Positions after the first rejection were never tried (their
+        outcome is unknown, not a failure), so only the positions reached count as trials: the
+        accepted ones and the rejected one, if any. (Counting every drafted position biases
+        ``alpha`` low, by far for long drafts: 24 drafted, 5 accepted is 5 of 6 trials.)"""
         acc = self._acceptance.setdefault(request_id, _Acceptance())
         acc.accepted = acc.accepted * _DECAY + num_accepted
-        acc.drafted = acc.drafted * _DECAY + num_drafted
+        acc.drafted = acc.drafted * _DECAY + num_accepted + (num_accepted < num_drafted)
 
     def alpha(self, request_id: str) -> float:
         return self._acceptance.get(request_id, _Acceptance()).alpha
