@@ -192,7 +192,8 @@ class SpeculativeConfig:
 
     method: "ngram" (prompt lookup over the request's own tokens), "suffix" (a suffix index over
         the request's tokens and, with ``suffix_cross_request``, earlier requests' outputs) or
-        "draft_model" (a smaller model with the same vocabulary proposes greedily).
+        "draft_model" (a smaller model with the same vocabulary proposes: its argmax for
+        greedy requests, a sample of its processed distribution for the others).
     num_speculative_tokens: most draft tokens verified per request per step.
     prompt_lookup_max / prompt_lookup_min: longest / shortest n-gram (ngram) or suffix (suffix)
         matched against the history to find a continuation.

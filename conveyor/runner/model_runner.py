@@ -65,6 +65,8 @@ class ModelRunner:
         self.scratch_block = kv_caches[0].shape[1] - 1
         self.states: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
+        # request id -> (proposed drafts, their draft probabilities [k, vocab]); see spec_step
+        self.draft_probs: dict[str, tuple[list[int], torch.Tensor]] = {}
         default = torch.Generator(device=device)
         default.manual_seed(seed)
         self.sampler = Sampler(default)
@@ -73,10 +75,12 @@ class ModelRunner:
         for rid in sched.finished_request_ids:
             self.states.pop(rid, None)
             self.generators.pop(rid, None)
+            self.draft_probs.pop(rid, None)
             if self.proposer is not None:
                 self.proposer.drop(rid, finished=True)
         for rid in sched.preempted_request_ids:
             self.states.pop(rid, None)        # generator kept: the request comes back
+            self.draft_probs.pop(rid, None)   # its drafts are dropped
             if self.proposer is not None:
                 self.proposer.drop(rid, finished=False)
         for new in sched.new_requests:
@@ -133,7 +137,7 @@ class ModelRunner:
         else:
             out = self._sample(logits[:num_rows], batch.sample_request_ids, sched.grammar, failed)
         if self.proposer is not None:
-            propose_drafts(self.proposer, sched, self.states, out)
+            propose_drafts(self, sched, out)
         return out
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str],

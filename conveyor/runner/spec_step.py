@@ -6,6 +6,12 @@ replaced by the tokens actually output: afterwards a request's runner tokens are
 committed tokens again and ``num_computed_tokens`` is all of them but the last. Failure isolation
 is per request, as for normal sampling (``row_sampling``): a non-finite row or a verification
 that raises fails that request alone.
+
+Sampled draft-model drafts come with their draft probabilities ``q``, kept in
+``runner.draft_probs`` (request id -> (proposed drafts, ``[k, vocab]`` rows)) until the request's
+next step consumes or replaces them, or it finishes or is preempted. The core may schedule a
+prefix of the proposed drafts: the first rows go with it. Scheduled drafts that are not a prefix
+of what was proposed are verified as a point mass (exact too, only less often accepted).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from conveyor.runner.row_sampling import NON_FINITE_LOGITS, finite_rows, merge_r
 from conveyor.sampling import SamplingMetadata
 from conveyor.sampling.constraints import GrammarMask
 from conveyor.structured.request_state import GrammarBitmask
+from conveyor.spec_decode.draft_model import DraftModelProposer, DraftSampling
 from conveyor.spec_decode.ngram import Proposer
 from conveyor.spec_decode.verifier import verify
 
@@ -31,6 +38,8 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
                 failed: dict[str, str]) -> ModelRunnerOutput:
     """Rows for every sampling request of a step with drafts (``logits``: all their rows)."""
     drafts = [sched.scheduled_spec_tokens.get(rid, []) for rid in request_ids]
+    q_rows = [scheduled_draft_probs(runner.draft_probs.get(rid), d)
+              for rid, d in zip(request_ids, drafts)]
     ok, first = finite_rows(logits), 0
     keep = []
     for i, (rid, d) in enumerate(zip(request_ids, drafts)):
@@ -40,27 +49,36 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
             keep.append((i, list(range(first, first + len(d) + 1))))
         first += len(d) + 1
     rows = _verify_or_split(runner, logits, [request_ids[i] for i, _ in keep],
-                            [drafts[i] for i, _ in keep], [r for _, rs in keep for r in rs],
-                            sched, failed)
+                            [drafts[i] for i, _ in keep], [q_rows[i] for i, _ in keep],
+                            [r for _, rs in keep for r in rs], sched, failed)
     _commit(runner.states, request_ids, drafts, rows)
     return merge_rows(rows, failed)
 
 
-def _verify_or_split(runner, logits, request_ids, drafts, row_idx, sched, failed):
+def scheduled_draft_probs(proposed: tuple[list[int], torch.Tensor] | None,
+                          drafts: list[int]) -> torch.Tensor | None:
+    """The ``q`` rows of the scheduled ``drafts`` ``[len(drafts), vocab]``, when they are a
+    prefix of the proposed drafts those rows belong to; else None (point mass)."""
+    if proposed is None or not drafts or proposed[0][:len(drafts)] != drafts:
+        return None
+    return proposed[1][:len(drafts)]
+
+
+def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched, failed):
     if not request_ids:
         return []
     try:
         sub = logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
         md = _row_metadata(runner, request_ids, drafts, sched, logits.device)
-        return verify(sub, md, request_ids, drafts, runner.sampler.default_generator)
+        return verify(sub, md, request_ids, drafts, runner.sampler.default_generator, q_rows)
     except Exception as exc:  # noqa: BLE001 - find the request(s) it belongs to; they alone fail
         if len(request_ids) == 1:
             failed[request_ids[0]] = f"sampling failed: {type(exc).__name__}: {exc}"
             return []
         rows, first = [], 0
-        for rid, d in zip(request_ids, drafts):
+        for rid, d, q in zip(request_ids, drafts, q_rows):
             n = len(d) + 1
-            rows += _verify_or_split(runner, logits, [rid], [d], row_idx[first:first + n],
+            rows += _verify_or_split(runner, logits, [rid], [d], [q], row_idx[first:first + n],
                                      sched, failed)
             first += n
         return rows
@@ -96,15 +114,29 @@ def _commit(states, request_ids, drafts, rows) -> None:
         st.num_computed_tokens = len(st.token_ids) - 1
 
 
-def propose_drafts(proposer: Proposer, sched: SchedulerOutput,
-                   states: dict[str, CachedRequestState], out: ModelRunnerOutput) -> None:
-    """Fill ``out.draft_token_ids`` for the requests the core asked for that sampled."""
+def propose_drafts(runner, sched: SchedulerOutput, out: ModelRunnerOutput) -> None:
+    """Fill ``out.draft_token_ids`` for the requests the core asked for that sampled (and
+    ``runner.draft_probs`` for sampled draft-model drafts; every request scheduled in this step
+    has used its previous ones)."""
+    for rid in sched.num_scheduled_tokens:
+        runner.draft_probs.pop(rid, None)
+    proposer: Proposer = runner.proposer
+    states = runner.states
     sampled = set(out.request_ids)
     wanted = {rid: (states[rid].token_ids, k) for rid, k in sched.num_drafts_to_propose.items()
               if rid in sampled and k > 0}
-    if wanted:
+    if not wanted:
+        return
+    if not isinstance(proposer, DraftModelProposer):
         out.draft_token_ids = proposer.propose(
             wanted, {rid: states[rid].history_scope for rid in wanted})
+        return
+    sampling = {rid: DraftSampling(states[rid].sampling_params, states[rid].num_prompt_tokens)
+                for rid in wanted if not states[rid].sampling_params.is_greedy}
+    out.draft_token_ids, probs = proposer.propose_sampled(
+        wanted, sampling, runner.eos_token_ids, runner.sampler.default_generator)
+    for rid, q in probs.items():
+        runner.draft_probs[rid] = (out.draft_token_ids[rid], q)
 
 
 def grammar_mask(grammar: GrammarBitmask | None, row_keys: list[str],
