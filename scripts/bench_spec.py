@@ -7,12 +7,15 @@ alternating on one engine, then llama.cpp's server with and without its n-gram s
         --peer /work/shared/peers/workload_small.jsonl --peer-concurrency 32 64 \
         --llama-server ~/.cache/conveyor-peers/llama.cpp-*/bin/llama-server
 
-Grounded chats run one request at a time (one user); the peer workload all at once with up to
+Grounded chats run one request at a time (one user), each request without and with speculation
+back to back (the order alternating), so machine drift hits both alike; the peer workload all at once with up to
 ``--peer-concurrency`` requests running (one engine per value, ``max_num_seqs``). Everything is
 greedy (``bench_params``); the peer workload ignores EOS (every system does the same work), the
 grounded chats end where the answer ends (their rows say ``"ignore_eos": false``: a user is not
 served the tokens after EOS). Greedy outputs are identical with and without speculation, so both
-variants generate the same tokens (their lengths are checked). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
+variants generate the same tokens in fp32; in bf16 the multi-token verifying step rounds
+differently from a one-token step, so a near-tie can flip and a chat's answer differ (how many
+chats kept the same length, and the tokens each variant generated, are printed). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
 llama.cpp gets the same token ids over ``/v1/completions`` (a fresh server per variant, one
 slot); its ``timings`` give draft and accepted counts. Prints one JSON line per run, then a
 markdown table with the machine, its load, the date and this command.
@@ -58,15 +61,26 @@ def _add_spec(total: dict, spec: dict | None) -> None:
         total[key] = total.get(key, 0) + ((spec or {}).get(key) or 0)
 
 
-def _one_at_a_time(engine, workload: Workload, label: str):
-    records, spec = [], {}
-    for req in _own_tenant(workload, label).requests:
-        run = run_offline(engine, Workload(workload.name, [req]), label, progress=False,
-                          id_prefix=f"{label}-{req.request_id}")
-        records += run.records
-        _add_spec(spec, (run.engine_stats or {}).get("spec_decode"))
-    busy = sum(r.finish - r.arrival for r in records if r.success)
-    return sum(r.output_len for r in records if r.success) / busy, records, spec
+def _interleaved(engine, saved, workload: Workload, label: str, rnd: int):
+    """One user: each request runs alone, without and with speculation back to back (which goes
+    first alternates by request and round), so both variants see the same machine drift. Returns
+    per variant (output tok/s over the time requests were in flight, records, spec counters)."""
+    out = {False: ([], {}), True: ([], {})}
+    for i, req in enumerate(_own_tenant(workload, label).requests):
+        first = (i + rnd) % 2 == 1
+        for on in (first, not first):
+            _switch(engine, saved, on)
+            tag = f"{label}-{'spec' if on else 'off'}"
+            run = run_offline(engine, Workload(workload.name, [req]), tag, progress=False,
+                              id_prefix=f"{tag}-{req.request_id}")
+            out[on][0].extend(run.records)
+            _add_spec(out[on][1], (run.engine_stats or {}).get("spec_decode"))
+    _switch(engine, saved, True)
+    result = {}
+    for on, (records, spec) in out.items():
+        busy = sum(r.finish - r.arrival for r in records if r.success)
+        result[on] = (sum(r.output_len for r in records if r.success) / busy, records, spec)
+    return result
 
 
 def _all_at_once(engine, workload: Workload, label: str):
@@ -88,26 +102,37 @@ def _row(workload: str, variant: str, rate: float, base: float | None, spec: dic
 
 
 def _conveyor_pair(engine, name: str, workload: Workload, runner, rnd: int, rows: list) -> None:
-    saved, base, lengths = (engine.core.scheduler.spec, engine.runner.proposer), None, {}
-    for on in (False, True):
-        _switch(engine, saved, on)
-        label = f"{name}-{'spec' if on else 'off'}-{rnd}"
+    saved = (engine.core.scheduler.spec, engine.runner.proposer)
+    if runner is _interleaved:
         t0 = time.monotonic()
-        rate, records, spec = runner(engine, workload, label)
-        lengths[on] = [r.output_len for r in records]
-        row = _row(name, f"conveyor {'spec' if on else 'off'}", rate, base, spec if on else None,
-                   time.monotonic() - t0)
-        base = rate if not on else base
+        results = _interleaved(engine, saved, workload, f"{name}-{rnd}", rnd)
+        wall = {on: (time.monotonic() - t0) / 2 for on in (False, True)}   # shared, split
+    else:
+        results, wall = {}, {}
+        for on in (False, True):
+            _switch(engine, saved, on)
+            t0 = time.monotonic()
+            results[on] = runner(engine, workload, f"{name}-{'spec' if on else 'off'}-{rnd}")
+            wall[on] = time.monotonic() - t0
+        _switch(engine, saved, True)
+    base = results[False][0]
+    for on in (False, True):
+        rate, records, spec = results[on]
+        row = _row(name, f"conveyor {'spec' if on else 'off'}", rate, None if not on else base,
+                   spec if on else None, wall[on])
         rows.append(row)
-        print(json.dumps({"run": label, **row}), flush=True)
-    _switch(engine, saved, True)
-    print(json.dumps({"workload": name, "round": rnd, "same_lengths": lengths[False] == lengths[True]}),
+        print(json.dumps({"run": f"{name}-{'spec' if on else 'off'}-{rnd}", **row}), flush=True)
+    lengths = {on: [r.output_len for r in results[on][1]] for on in (False, True)}
+    same = sum(a == b for a, b in zip(lengths[False], lengths[True]))
+    print(json.dumps({"workload": name, "round": rnd, "same_lengths": f"{same}/{len(lengths[False])}",
+                      "output_tokens": {"off": sum(lengths[False]), "spec": sum(lengths[True])}}),
           flush=True)
 
 
 def _engine(args, max_num_seqs: int) -> LLMEngine:
+    extra = {"dtype": args.dtype} if args.dtype else {}
     engine = LLMEngine.from_kwargs(model=args.model, max_num_seqs=max_num_seqs,
-                                   speculative_config=args.speculative_config)
+                                   speculative_config=args.speculative_config, **extra)
     warm_up(engine)
     return engine
 
@@ -184,6 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speculative-config", required=True)
     p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default=None, help="the engine's dtype (default: auto)")
     p.add_argument("--grounded", default=None, help="JSONL of chats run one at a time")
     p.add_argument("--peer", default=None, help="JSONL run all at once")
     p.add_argument("--peer-concurrency", type=int, nargs="+", default=[32, 64])
@@ -200,7 +226,7 @@ def main() -> None:
     peer = load_workload_file(args.peer, engine.tokenizer, args.peer_prompts) if args.peer else None
     for rnd in range(args.rounds):
         if grounded:
-            _conveyor_pair(engine, "grounded", grounded, _one_at_a_time, rnd, rows)
+            _conveyor_pair(engine, "grounded", grounded, _interleaved, rnd, rows)
         for conc in args.peer_concurrency if peer else ():
             if engine.config.scheduler.max_num_seqs != conc:
                 engine.check_invariants()

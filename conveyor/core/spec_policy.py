@@ -6,8 +6,9 @@ engine iteration, fed once per step by ``EngineCore``; the prefill budget uses t
 request whose tokens are accepted with probability ``alpha`` adds ``alpha ** i`` expected tokens
 for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first, while they raise the step's
 expected tokens per second, so a request with low acceptance gets none, and a batch so large that
-a step's cost is mostly per token gets none at all. Each request's ``alpha`` is a Beta(1, 1)
-estimate over its recent drafts; the counts decay so that a request skipped for low acceptance is
+a step's cost is mostly per token gets none at all. Each request's ``alpha`` is a Beta
+estimate over its recent drafts whose prior is the engine's recent rate over all requests (worth
+two trials), so a new request starts where its predecessors were; the counts decay so that a request skipped for low acceptance is
 retried once its estimate drifts back towards the prior. The estimate counts the positions
 verification reached (accepted, plus the one rejected), the maximum-likelihood rate for this
 model. No torch.
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 _DECAY = 0.9           # weight of older drafts in a request's acceptance estimate, per update
+_POOLED_DECAY = 0.99   # the same for the engine-wide rate that is each new request's prior
+_PRIOR_WEIGHT = 2.0    # pseudo-trials of that prior in a request's estimate
 
 
 class LinearStepCost(Protocol):
@@ -32,9 +35,13 @@ class _Acceptance:
     accepted: float = 0.0
     drafted: float = 0.0
 
-    @property
-    def alpha(self) -> float:
-        return (self.accepted + 1) / (self.drafted + 2)
+    def alpha(self, prior: float) -> float:
+        """Posterior mean under a Beta prior of mean ``prior`` worth ``_PRIOR_WEIGHT`` trials."""
+        return (self.accepted + _PRIOR_WEIGHT * prior) / (self.drafted + _PRIOR_WEIGHT)
+
+    def add(self, accepted: float, trials: float, decay: float) -> None:
+        self.accepted = self.accepted * decay + accepted
+        self.drafted = self.drafted * decay + trials
 
 
 class SpecPolicy:
@@ -45,18 +52,20 @@ class SpecPolicy:
         self.k = num_speculative_tokens
         self.cost = cost
         self._acceptance: dict[str, _Acceptance] = {}
+        self._pooled = _Acceptance()     # every request's drafts: a new request's prior
 
     def record(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
         """One verified draft. Positions after the first rejection were never tried (their
         outcome is unknown, not a failure), so only the positions reached count as trials: the
         accepted ones and the rejected one, if any. (Counting every drafted position biases
         ``alpha`` low, by far for long drafts: 24 drafted, 5 accepted is 5 of 6 trials.)"""
-        acc = self._acceptance.setdefault(request_id, _Acceptance())
-        acc.accepted = acc.accepted * _DECAY + num_accepted
-        acc.drafted = acc.drafted * _DECAY + num_accepted + (num_accepted < num_drafted)
+        trials = num_accepted + (num_accepted < num_drafted)
+        self._acceptance.setdefault(request_id, _Acceptance()).add(num_accepted, trials, _DECAY)
+        self._pooled.add(num_accepted, trials, _POOLED_DECAY)
 
     def alpha(self, request_id: str) -> float:
-        return self._acceptance.get(request_id, _Acceptance()).alpha
+        prior = self._pooled.alpha(0.5)          # the engine's recent rate (0.5 before any)
+        return self._acceptance.get(request_id, _Acceptance()).alpha(prior)
 
     def forget(self, request_id: str) -> None:
         self._acceptance.pop(request_id, None)

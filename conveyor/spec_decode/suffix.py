@@ -5,7 +5,8 @@ repetitive loops).
 The index maps every context of ``n_min``..``n_max`` tokens seen in a sequence to counts of the
 token that followed it. A draft extends the request's tokens one token at a time with the most
 frequent continuation of the longest context found (the request's own index first, then the
-shared one), so it follows a repeated passage across branches a single n-gram match would miss.
+shared one), so it follows a repeated passage across branches a single n-gram match would miss. As for
+``ngram``, a draft is at most twice as long as the context its first token was matched on.
 Each request's index covers exactly its committed tokens (extended incrementally); the shared
 indices (one per tenant scope) hold the outputs of at most ``max_requests`` finished requests
 in all (oldest evicted).
@@ -84,13 +85,15 @@ class SuffixProposer:
     def _extend(self, index: SuffixIndex, shared: SuffixIndex | None, tokens: list[int],
                 k: int) -> list[int]:
         context, drafts = list(tokens[-self.n_max:]), []
-        for _ in range(k):
+        while len(drafts) < k:
             mine = index.next_token(context)
             theirs = shared.next_token(context) if shared is not None else None
             best = mine if theirs is None or (mine is not None and mine[0] >= theirs[0]) \
                 else theirs
             if best is None:
                 break
+            if not drafts:
+                k = min(k, 2 * best[0])   # as long as the evidence: twice the matched context
             drafts.append(best[1])
             context = context[1:] + [best[1]] if len(context) >= self.n_max else \
                 context + [best[1]]
