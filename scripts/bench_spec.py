@@ -2,14 +2,15 @@
 alternating on one engine, then llama.cpp's server with and without its n-gram speculation.
 
     PYTHONPATH=. python scripts/bench_spec.py \
-        --speculative-config '{"method":"ngram","num_speculative_tokens":4,"prompt_lookup_max":4,"prompt_lookup_min":2}' \
-        --grounded scripts/workloads/grounded_chats.jsonl \
+        --speculative-config '{"method":"suffix","num_speculative_tokens":16,"prompt_lookup_max":8,"prompt_lookup_min":1}' \
+        --grounded scripts/workloads/grounded_chats.jsonl --rounds 3 \
         --peer /work/shared/peers/workload_small.jsonl --peer-concurrency 32 64 \
         --llama-server ~/.cache/conveyor-peers/llama.cpp-*/bin/llama-server
 
 Grounded chats run one request at a time (one user), each request without and with speculation
-back to back (the order alternating), so machine drift hits both alike; the peer workload all at once with up to
-``--peer-concurrency`` requests running (one engine per value, ``max_num_seqs``). Everything is
+back to back (the order alternating), so machine drift hits both alike; the peer workload all
+at once with up to ``--peer-concurrency`` requests running (one engine per value,
+``max_num_seqs``). Everything is
 greedy (``bench_params``); the peer workload ignores EOS (every system does the same work), the
 grounded chats end where the answer ends (their rows say ``"ignore_eos": false``: a user is not
 served the tokens after EOS). Greedy outputs are identical with and without speculation, so both
@@ -109,7 +110,7 @@ def _conveyor_pair(engine, name: str, workload: Workload, runner, rnd: int, rows
         wall = {on: (time.monotonic() - t0) / 2 for on in (False, True)}   # shared, split
     else:
         results, wall = {}, {}
-        for on in (False, True):
+        for on in ((False, True) if rnd % 2 == 0 else (True, False)):   # first one alternates
             _switch(engine, saved, on)
             t0 = time.monotonic()
             results[on] = runner(engine, workload, f"{name}-{'spec' if on else 'off'}-{rnd}")
@@ -175,8 +176,10 @@ def _llama_run(server: str, gguf: str, extra: str, workload: Workload, port: int
 
 
 def _llama_pair(args, workload: Workload, rows: list) -> None:
-    gguf, base = resolve_model_path(args.model), None
-    for variant, extra in (("llama.cpp off", ""), ("llama.cpp ngram", args.llama_spec_args)):
+    gguf, base = args.llama_gguf or resolve_model_path(args.model), None
+    variants = [("llama.cpp off", "")] + [
+        (f"llama.cpp `{extra}`", extra) for extra in (args.llama_spec_args or [LLAMA_SPEC])]
+    for variant, extra in variants:
         t0 = time.monotonic()
         rate, drafts, accepted = _llama_run(args.llama_server, gguf, extra, workload, args.port)
         row = _row("grounded", variant, rate, base, None, time.monotonic() - t0)
@@ -188,12 +191,36 @@ def _llama_pair(args, workload: Workload, rows: list) -> None:
         print(json.dumps({"run": variant, **row}), flush=True)
 
 
+def _pooled(rows: list[dict]) -> list[dict]:
+    """One row per (workload, variant) over all rounds: the mean output tok/s, its ratio to the
+    mean of the same system's "off" variant, and acceptance from the summed counters."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["variant"]), []).append(r)
+    out = []
+    for (workload, variant), rs in groups.items():
+        rate = sum(r["output_tok_s"] for r in rs) / len(rs)
+        off = groups.get((workload, variant.split(" ")[0] + " off"))
+        base = sum(r["output_tok_s"] for r in off) / len(off) if off and off is not rs else None
+        spec: dict = {}
+        for r in rs:
+            for key, value in (r.get("spec") or {}).items():
+                if isinstance(value, (int, float)):
+                    spec[key] = spec.get(key, 0) + value
+        row = _row(workload, variant, rate, base, spec or None, sum(r["wall_s"] for r in rs))
+        if spec and "num_drafts" not in spec:          # llama.cpp: no per-draft count
+            row["mean_accepted_length"] = None
+        out.append({**row, "rounds": len(rs)})
+    return out
+
+
 def _table(rows: list[dict], load: tuple, started: str, args) -> str:
     out = [f"Measured {started} UTC on {platform.describe()}; load average (1/5/15 min) "
            f"{load[0][0]:.2f}/{load[0][1]:.2f}/{load[0][2]:.2f} at the start, "
            f"{load[1][0]:.2f}/{load[1][1]:.2f}/{load[1][2]:.2f} at the end. "
            f"Speculative config: `{args.speculative_config}`"
-           + (f"; llama.cpp: `{args.llama_spec_args}`." if args.llama_server else "."),
+           + (f"; llama.cpp model `{os.path.basename(args.llama_gguf or resolve_model_path(args.model))}`."
+              if args.llama_server else "."),
            "", "    " + shlex.join(["python", *sys.argv]), "",
            "| workload | variant | output tok/s | × off | acceptance rate | mean accepted length "
            "| wall s |", "|---|---|---|---|---|---|---|"]
@@ -202,6 +229,13 @@ def _table(rows: list[dict], load: tuple, started: str, args) -> str:
         out.append(f"| {r['workload']} | {r['variant']} | {r['output_tok_s']} | "
                    f"{fmt(r['vs_off'], '×')} | {fmt(r['acceptance_rate'])} | "
                    f"{fmt(r['mean_accepted_length'])} | {r['wall_s']} |")
+    if args.rounds > 1:
+        out += ["", f"Over all {args.rounds} rounds (mean output tok/s; × off: the ratio of the "
+                "means):", "", out[4], out[5]]
+        for r in _pooled(rows):
+            out.append(f"| {r['workload']} | {r['variant']} | {round(r['output_tok_s'], 2)} | "
+                       f"{fmt(r['vs_off'], '×')} | {fmt(r['acceptance_rate'])} | "
+                       f"{fmt(r['mean_accepted_length'])} | {round(r['wall_s'], 1)} |")
     return "\n".join(out)
 
 
@@ -216,7 +250,10 @@ def main() -> None:
     p.add_argument("--peer-prompts", type=int, default=None)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--llama-server", default=None, help="llama-server binary (grounded chats)")
-    p.add_argument("--llama-spec-args", default=LLAMA_SPEC)
+    p.add_argument("--llama-spec-args", action="append", default=None,
+                   help=f"llama-server speculation flags; repeat to compare (default: {LLAMA_SPEC})")
+    p.add_argument("--llama-gguf", default=None,
+                   help="the GGUF llama-server loads (default: conveyor's model file)")
     p.add_argument("--port", type=int, default=18437)
     args = p.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")

@@ -22,6 +22,7 @@ from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.runner.input_batch import CachedRequestState
 from conveyor.runner.row_sampling import NON_FINITE_LOGITS, finite_rows, merge_rows
 from conveyor.sampling import SamplingMetadata
+from conveyor.sampling.metadata import is_plain_greedy
 from conveyor.sampling.constraints import GrammarMask
 from conveyor.structured.request_state import GrammarBitmask
 from conveyor.spec_decode.draft_model import DraftModelProposer, DraftSampling
@@ -68,7 +69,11 @@ def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched
     if not request_ids:
         return []
     try:
-        sub = logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
+        contiguous = row_idx == list(range(row_idx[0], row_idx[0] + len(row_idx)))
+        sub = logits[row_idx[0]:row_idx[0] + len(row_idx)] if contiguous else \
+            logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
+        if _all_plain_greedy(runner, request_ids, drafts):
+            return _greedy_rows(sub.argmax(dim=-1).tolist(), request_ids, drafts)
         md = _row_metadata(runner, request_ids, drafts, sched, logits.device)
         return verify(sub, md, request_ids, drafts, runner.sampler.default_generator, q_rows)
     except Exception as exc:  # noqa: BLE001 - find the request(s) it belongs to; they alone fail
@@ -82,6 +87,29 @@ def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched
                                      sched, failed)
             first += n
         return rows
+
+
+def _all_plain_greedy(runner, request_ids, drafts) -> bool:
+    """Every verified row would be sampled as the raw argmax (``is_plain_greedy`` at the row's
+    output length, which only grows along a request's rows), so the verifier's metadata and
+    processing can be skipped: the verifier itself takes this path for such rows."""
+    for rid, d in zip(request_ids, drafts):
+        st = runner.states[rid]
+        if not is_plain_greedy(st.sampling_params, len(st.token_ids) - len(d) - st.num_prompt_tokens):
+            return False
+    return True
+
+
+def _greedy_rows(targets: list[int], request_ids, drafts):
+    """``verify``'s rows for plain-greedy requests from their rows' argmax ``targets``."""
+    rows, first = [], 0
+    for rid, d in zip(request_ids, drafts):
+        accepted = 0
+        while accepted < len(d) and targets[first + accepted] == d[accepted]:
+            accepted += 1
+        rows += [(rid, targets[r], None, None) for r in range(first, first + accepted + 1)]
+        first += len(d) + 1
+    return rows
 
 
 def _row_metadata(runner, request_ids, drafts, sched, device) -> SamplingMetadata:
