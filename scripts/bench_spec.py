@@ -138,6 +138,16 @@ def _engine(args, max_num_seqs: int) -> LLMEngine:
     return engine
 
 
+def _replace(engine, args, max_num_seqs: int, fresh: bool) -> LLMEngine:
+    """``engine``, or (``fresh``) a new one with ``max_num_seqs`` after checking and shutting
+    down the old one."""
+    if not fresh:
+        return engine
+    engine.check_invariants()
+    engine.shutdown()
+    return _engine(args, max_num_seqs)
+
+
 def _post(url: str, body: dict, timeout: float = 600.0) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -263,11 +273,11 @@ def main() -> None:
     peer = load_workload_file(args.peer, engine.tokenizer, args.peer_prompts) if args.peer else None
     for rnd in range(args.rounds):
         if grounded:
+            # every round on a fresh engine of the same shape (the first concurrency's)
+            engine = _replace(engine, args, args.peer_concurrency[0], rnd > 0)
             _conveyor_pair(engine, "grounded", grounded, _interleaved, rnd, rows)
         for conc in args.peer_concurrency if peer else ():
-            if engine.config.scheduler.max_num_seqs != conc:
-                engine.check_invariants()
-                engine = _engine(args, conc)
+            engine = _replace(engine, args, conc, engine.config.scheduler.max_num_seqs != conc)
             _conveyor_pair(engine, f"peer @{conc}", peer, _all_at_once, rnd, rows)
         if grounded and args.llama_server:
             _llama_pair(args, grounded, rows)

@@ -14,34 +14,41 @@ in all (oldest evicted).
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 
 class SuffixIndex:
-    """Context (tuple of tokens) -> Counter of the next token."""
+    """Context (tuple of tokens) -> {next token: count} (plain dicts: this runs on every step)."""
 
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
-        self.table: dict[tuple[int, ...], Counter] = {}
+        self.table: dict[tuple[int, ...], dict[int, int]] = {}
 
     def update(self, tokens: list[int], start: int, sign: int = 1) -> None:
         """Count (sign=1) or uncount (sign=-1) the continuations at positions ``start..``."""
-        for p in range(max(start, self.n_min), len(tokens)):
-            for n in range(self.n_min, min(self.n_max, p) + 1):
+        table, n_min, n_max = self.table, self.n_min, self.n_max
+        for p in range(max(start, n_min), len(tokens)):
+            token = tokens[p]
+            for n in range(n_min, min(n_max, p) + 1):
                 key = tuple(tokens[p - n:p])
-                counts = self.table.setdefault(key, Counter())
-                counts[tokens[p]] += sign
-                if counts[tokens[p]] <= 0:
-                    del counts[tokens[p]]
+                counts = table.get(key)
+                if counts is None:
+                    counts = table[key] = {}
+                c = counts.get(token, 0) + sign
+                if c > 0:
+                    counts[token] = c
+                else:
+                    counts.pop(token, None)
                     if not counts:
-                        del self.table[key]
+                        del table[key]
 
     def next_token(self, context: list[int]) -> tuple[int, int] | None:
-        """(length of the longest matching context, its most frequent next token) or None."""
+        """(length of the longest matching context, its most frequent next token, the first
+        seen among equals) or None."""
         for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
             counts = self.table.get(tuple(context[len(context) - n:]))
             if counts:
-                return n, counts.most_common(1)[0][0]
+                return n, max(counts, key=counts.__getitem__)
         return None
 
 
