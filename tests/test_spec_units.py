@@ -124,6 +124,17 @@ def test_new_request_starts_from_the_engines_recent_rate():
     assert policy.alpha("new") < 0.2
 
 
+def test_policy_drafts_one_until_costs_are_measured():
+    """A fresh engine knows no step costs: a 64-request batch must not verify 16 drafts each
+    before the fit says whether that pays; one draft each is cheap and varies the step sizes."""
+    class Unknown:
+        def linear_cost(self):
+            return None
+    policy = SpecPolicy(16, Unknown())
+    assert policy.plan({f"r{i}": 16 for i in range(64)}, 64) == {f"r{i}": 1 for i in range(64)}
+    assert policy.plan({"x": 0}, 1) == {}
+
+
 def test_measured_cost_needs_data():
     cost = StepCostModel()
     for _ in range(10):

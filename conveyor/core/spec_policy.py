@@ -6,7 +6,7 @@ engine iteration, fed once per step by ``EngineCore``; the prefill budget uses t
 request whose tokens are accepted with probability ``alpha`` adds ``alpha ** i`` expected tokens
 for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first, while they raise the step's
 expected tokens per second, so a request with low acceptance gets none, and a batch so large that
-a step's cost is mostly per token gets none at all. Each request's ``alpha`` is a Beta
+a step's cost is mostly per token gets none at all (before any cost is measured: one draft each). Each request's ``alpha`` is a Beta
 estimate over its recent drafts whose prior is the engine's recent rate over all requests (worth
 two trials), so a new request starts where its predecessors were; the counts decay so that a request skipped for low acceptance is
 retried once its estimate drifts back towards the prior. The estimate counts the positions
@@ -76,8 +76,10 @@ class SpecPolicy:
         if self.cost is None:
             return {rid: min(self.k, lim) for rid, lim in limits.items() if lim > 0}
         fit = self.cost.linear_cost()
-        if fit is None or fit[1] == 0:
-            return {rid: min(self.k, lim) for rid, lim in limits.items() if lim > 0}
+        if fit is None or fit[1] <= 0:
+            # nothing measured yet: one draft each, cheap at any batch size, and the varied step
+            # sizes it makes are what the fit needs to become ready
+            return {rid: 1 for rid, lim in limits.items() if lim > 0}
         fixed, per_token = fit
         gains = sorted(((self.alpha(rid) ** i, rid) for rid, lim in limits.items()
                         for i in range(1, min(self.k, lim) + 1)), reverse=True)
