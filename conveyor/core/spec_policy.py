@@ -2,16 +2,18 @@
 
 A step that computes ``n`` tokens is modelled as costing ``a + b * n`` seconds, read from the
 engine's one step-cost fit (``core.step_cost.StepCostModel.linear_cost``: fitted on the whole
-engine iteration, fed once per step by ``EngineCore``; the prefill budget uses the same fit). Draft position ``i`` of a
-request whose tokens are accepted with probability ``alpha`` adds ``alpha ** i`` expected tokens
-for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first, while they raise the step's
-expected tokens per second, so a request with low acceptance gets none, and a batch so large that
-a step's cost is mostly per token gets none at all (before any cost is measured: one draft each). Each request's ``alpha`` is a Beta
-estimate over its recent drafts whose prior is the engine's recent rate over all requests (worth
-two trials), so a new request starts where its predecessors were; the counts decay so that a request skipped for low acceptance is
-retried once its estimate drifts back towards the prior. The estimate counts the positions
-verification reached (accepted, plus the one rejected), the maximum-likelihood rate for this
-model. No torch.
+engine iteration, fed once per step by ``EngineCore``; the prefill budget uses the same fit).
+Draft position ``i`` of a request whose tokens are accepted with probability ``alpha`` adds
+``alpha ** i`` expected tokens for ``b`` seconds. ``SpecPolicy.plan`` adds positions, best first,
+while they raise the step's expected tokens per second, so a request with low acceptance gets
+none, and a batch so large that a step's cost is mostly per token gets none at all (before any
+cost is measured: one draft each).
+
+Each request's ``alpha`` is a Beta estimate over its recent drafts whose prior is the engine's
+recent rate over all requests (worth two trials), so a new request starts where its
+predecessors were. It counts the positions verification reached (accepted, plus the one
+rejected), the maximum-likelihood rate for this model. The counts decay so that a request
+skipped for low acceptance is retried once its estimate drifts back towards the prior. No torch.
 """
 
 from __future__ import annotations
