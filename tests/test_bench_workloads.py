@@ -212,11 +212,26 @@ def test_peer_workload_file_parses():
     ('{"prompt": "x", "max_tokens": 3, "priority": "high"}', "'priority' must be an integer"),
     ('{"prompt": "x", "max_tokens": 3, "tenant": 5}', "'tenant' must be a string"),
     ('{"messages": "hi", "max_tokens": 3}', "'messages' must be a non-empty list"),
+    ('{"prompt": "x", "max_tokens": 3, "ignore_eos": "no"}', "'ignore_eos' must be true or false"),
+    ('{"prompt": "x", "max_tokens": 3, "ignore_eos": 0}', "'ignore_eos' must be true or false"),
+    ('{"prompt": "x", "max_tokens": 3, "ignore_eos": null}', "'ignore_eos' must be true or false"),
 ])
 def test_jsonl_errors_name_line_and_field(tmp_path, line, message):
     path = _write(tmp_path, "bad.jsonl", '{"prompt": "ok", "max_tokens": 1}\n' + line + "\n")
     with pytest.raises(WorkloadError, match=message.replace("line 1", "line 2")):
         load_jsonl(path, WordTokenizer())
+
+
+def test_jsonl_ignore_eos_reaches_the_engine_and_the_http_body(tmp_path):
+    from conveyor.bench.http_client import completion_payload
+    from conveyor.bench.offline import bench_params
+    path = _write(tmp_path, "e.jsonl", '{"prompt": "a", "max_tokens": 2}\n'
+                  '{"prompt": "b", "max_tokens": 2, "ignore_eos": false}\n')
+    default, ends = load_jsonl(path, WordTokenizer()).requests
+    assert (default.ignore_eos, ends.ignore_eos) == (True, False)   # default: exact max_tokens
+    assert bench_params(2, ends.ignore_eos).ignore_eos is False
+    assert completion_payload(ends, "m")["ignore_eos"] is False
+    assert completion_payload(default, "m")["ignore_eos"] is True
 
 
 def test_jsonl_messages_need_a_tokenizer_and_files_must_exist(tmp_path):

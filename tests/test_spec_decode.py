@@ -7,7 +7,6 @@ itself, so drafts are both accepted and rejected."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -21,31 +20,6 @@ from conveyor.structured import StructuredOutputsParams
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
          "prompt_lookup_min": 1, "adaptive": False}
 SUFFIX = {**NGRAM, "method": "suffix"}
-
-
-def _vocab32(tmp_path_factory, smollm2_path, seed: int) -> str:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp(f"vocab32_{seed}")
-    cfg = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    d, f = os.path.split(smollm2_path)
-    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def vocab32_dir(tmp_path_factory, smollm2_path) -> str:
-    return _vocab32(tmp_path_factory, smollm2_path, 0)
-
-
-@pytest.fixture(scope="session")
-def vocab32_draft_dir(tmp_path_factory, smollm2_path) -> str:
-    """Another random model (its drafts are sometimes right) with the same vocabulary."""
-    return _vocab32(tmp_path_factory, smollm2_path, 1)
 
 
 def prompts(n: int = 4) -> list[list[int]]:

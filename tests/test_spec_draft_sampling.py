@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_engine
-from test_spec_decode import _vocab32, generate
+from test_spec_decode import generate
 
 from conveyor.engine.llm_engine import LLMEngine
 from conveyor.runner.spec_step import scheduled_draft_probs
@@ -25,17 +25,6 @@ from conveyor.spec_decode import verifier
 VOCAB = 32
 PROMPT = [5, 9, 14, 3, 22, 7, 11, 30]
 DRAFT = {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False}
-
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, smollm2_path) -> str:
-    return _vocab32(tmp_path_factory, smollm2_path, 0)
-
-
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory, smollm2_path) -> str:
-    """Different weights from the target's: its ``q`` is far from ``p`` (TV ~0.8 here)."""
-    return _vocab32(tmp_path_factory, smollm2_path, 1)
 
 
 def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -101,9 +90,10 @@ def check_pools(engine) -> None:
     SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True),
     SamplingParams(temperature=0.9, top_k=8, top_p=0.9, max_tokens=3, ignore_eos=True),
 ], ids=["t1", "topk_topp"])
-def test_sampled_drafts_follow_the_target_distribution(target_dir, draft_dir, params, monkeypatch):
-    exact = exact_three_tokens(target_dir, params).ravel()
-    counts, stats = sample_three_tokens(target_dir, draft_dir, params, 2000)
+def test_sampled_drafts_follow_the_target_distribution(vocab32_dir, vocab32_draft_dir, params,
+                                                       monkeypatch):
+    exact = exact_three_tokens(vocab32_dir, params).ravel()
+    counts, stats = sample_three_tokens(vocab32_dir, vocab32_draft_dir, params, 2000)
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     stat, quantile = chi_square(counts, exact)
     assert stat < quantile, (stat, quantile)
@@ -111,7 +101,7 @@ def test_sampled_drafts_follow_the_target_distribution(target_dir, draft_dir, pa
         return
     # the check can fail: accepting every draft samples token 2 from q, not p
     monkeypatch.setattr(verifier, "acceptance_probability", lambda p, q: torch.ones_like(p))
-    counts, stats = sample_three_tokens(target_dir, draft_dir, params, 2000)
+    counts, stats = sample_three_tokens(vocab32_dir, vocab32_draft_dir, params, 2000)
     assert stats.num_accepted_tokens == stats.num_draft_tokens
     stat, quantile = chi_square(counts, exact)
     assert stat > quantile, (stat, quantile)
@@ -152,15 +142,15 @@ def test_scheduled_prefix_takes_the_first_rows():
     assert scheduled_draft_probs(None, [4]) is None
 
 
-def test_draft_identical_to_target_is_almost_always_accepted(target_dir):
+def test_draft_identical_to_target_is_almost_always_accepted(vocab32_dir):
     params = lambda i: SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True)  # noqa: E731
-    _, sched, _ = generate(target_dir, {**DRAFT, "model": target_dir}, params)
+    _, sched, _ = generate(vocab32_dir, {**DRAFT, "model": vocab32_dir}, params)
     stats = sched.spec_stats
     assert stats.num_draft_tokens > 0
     assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.9
 
 
-def test_seeded_sampling_with_draft_model_is_reproducible(target_dir, draft_dir):
+def test_seeded_sampling_with_draft_model_is_reproducible(vocab32_dir, vocab32_draft_dir):
     """Seeded sampled requests (q rows) and greedy ones (point mass) verified in one batch:
     the sampled text is the same on every run, the greedy text is the text without drafts."""
     def params(i: int) -> SamplingParams:
@@ -168,10 +158,10 @@ def test_seeded_sampling_with_draft_model_is_reproducible(target_dir, draft_dir)
             return SamplingParams(max_tokens=30, temperature=0.8, seed=7 + i, ignore_eos=True,
                                   repetition_penalty=1.1)
         return SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    spec = {**DRAFT, "model": draft_dir}
-    first, sched, _ = generate(target_dir, spec, params)
-    again, _, _ = generate(target_dir, spec, params)
-    reference, _, _ = generate(target_dir, None, params)
+    spec = {**DRAFT, "model": vocab32_draft_dir}
+    first, sched, _ = generate(vocab32_dir, spec, params)
+    again, _, _ = generate(vocab32_dir, spec, params)
+    reference, _, _ = generate(vocab32_dir, None, params)
     assert first == again
     assert first[0::2] == reference[0::2]
     assert first[1] != first[3]
@@ -180,4 +170,4 @@ def test_seeded_sampling_with_draft_model_is_reproducible(target_dir, draft_dir)
     # generator, never torch's global one)
     unseeded = lambda i: SamplingParams(max_tokens=12, temperature=0.8,  # noqa: E731
                                         ignore_eos=True)
-    assert generate(target_dir, spec, unseeded)[0] == generate(target_dir, spec, unseeded)[0]
+    assert generate(vocab32_dir, spec, unseeded)[0] == generate(vocab32_dir, spec, unseeded)[0]

@@ -17,7 +17,7 @@ from conveyor.sampling import SamplingMetadata
 from conveyor.sampling_params import SamplingParams
 from conveyor.spec_decode.ngram import ngram_continuation
 from conveyor.spec_decode.suffix import SuffixProposer
-from conveyor.spec_decode.verifier import verify
+from conveyor.spec_decode.verifier import verify, verify_argmax
 
 
 def test_ngram_continues_the_latest_longest_match():
@@ -204,3 +204,21 @@ def test_greedy_verification_accepts_the_argmax_prefix():
                                 [None] * 4, frozenset(), 5, "cpu")
     rows = verify(logits, md, ["a"], [[1, 2, 3]], None)
     assert [t for _, t, _, _ in rows] == [1, 2, 4]           # 3 rejected, 4 recovered
+
+
+def test_argmax_fast_path_equals_the_verifier():
+    """``verify_argmax`` (plain-greedy steps skip the metadata) against ``verify`` itself:
+    partly, fully and not accepted drafts, and a request without drafts, in one batch."""
+    torch.manual_seed(3)
+    vocab = 50
+    logits = torch.randn(10, vocab)
+    best = logits.argmax(dim=-1).tolist()
+    drafts = [[best[0], best[1], 7 if best[2] != 7 else 8],   # rows 0-3: two accepted
+              [best[4], best[5]],                              # rows 4-6: all, then the bonus
+              [],                                              # row 7: no drafts
+              [best[8] + 1 if best[8] + 1 < vocab else 0]]     # rows 8-9: first rejected
+    ids = ["a", "b", "c", "d"]
+    md = SamplingMetadata.build([SamplingParams(temperature=0.0)] * 10, [[0]] * 10, [[]] * 10,
+                                [None] * 10, frozenset(), vocab, "cpu")
+    assert verify_argmax(logits, ids, drafts) == verify(logits, md, ids, drafts, None)
+    assert [t for rid, t, _, _ in verify_argmax(logits, ids, drafts) if rid == "b"] == best[4:7]

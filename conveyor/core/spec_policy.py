@@ -101,5 +101,4 @@ class SpecPolicy:
     def _decay(self, request_id: str) -> None:
         acc = self._acceptance.get(request_id)
         if acc is not None:
-            acc.accepted *= _DECAY
-            acc.drafted *= _DECAY
+            acc.add(0.0, 0.0, _DECAY)

@@ -27,7 +27,7 @@ from conveyor.sampling.constraints import GrammarMask
 from conveyor.structured.request_state import GrammarBitmask
 from conveyor.spec_decode.draft_model import DraftModelProposer, DraftSampling
 from conveyor.spec_decode.ngram import Proposer
-from conveyor.spec_decode.verifier import verify
+from conveyor.spec_decode.verifier import verify, verify_argmax
 
 
 def stage_drafts(sched: SchedulerOutput, states: dict[str, CachedRequestState]) -> None:
@@ -73,7 +73,7 @@ def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched
         sub = logits[row_idx[0]:row_idx[0] + len(row_idx)] if contiguous else \
             logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
         if _all_plain_greedy(runner, request_ids, drafts):
-            return _greedy_rows(sub.argmax(dim=-1).tolist(), request_ids, drafts)
+            return verify_argmax(sub, request_ids, drafts)
         md = _row_metadata(runner, request_ids, drafts, sched, logits.device)
         return verify(sub, md, request_ids, drafts, runner.sampler.default_generator, q_rows)
     except Exception as exc:  # noqa: BLE001 - find the request(s) it belongs to; they alone fail
@@ -92,24 +92,13 @@ def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched
 def _all_plain_greedy(runner, request_ids, drafts) -> bool:
     """Every verified row would be sampled as the raw argmax (``is_plain_greedy`` at the row's
     output length, which only grows along a request's rows), so the verifier's metadata and
-    processing can be skipped: the verifier itself takes this path for such rows."""
+    processing can be skipped (``verifier.verify_argmax``)."""
     for rid, d in zip(request_ids, drafts):
         st = runner.states[rid]
-        if not is_plain_greedy(st.sampling_params, len(st.token_ids) - len(d) - st.num_prompt_tokens):
+        num_output = len(st.token_ids) - len(d) - st.num_prompt_tokens   # before the drafts
+        if not is_plain_greedy(st.sampling_params, num_output):
             return False
     return True
-
-
-def _greedy_rows(targets: list[int], request_ids, drafts):
-    """``verify``'s rows for plain-greedy requests from their rows' argmax ``targets``."""
-    rows, first = [], 0
-    for rid, d in zip(request_ids, drafts):
-        accepted = 0
-        while accepted < len(d) and targets[first + accepted] == d[accepted]:
-            accepted += 1
-        rows += [(rid, targets[r], None, None) for r in range(first, first + accepted + 1)]
-        first += len(d) + 1
-    return rows
 
 
 def _row_metadata(runner, request_ids, drafts, sched, device) -> SamplingMetadata:
@@ -146,8 +135,9 @@ def propose_drafts(runner, sched: SchedulerOutput, out: ModelRunnerOutput) -> No
     """Fill ``out.draft_token_ids`` for the requests the core asked for that sampled (and
     ``runner.draft_probs`` for sampled draft-model drafts; every request scheduled in this step
     has used its previous ones)."""
-    for rid in sched.num_scheduled_tokens:
-        runner.draft_probs.pop(rid, None)
+    if runner.draft_probs:
+        for rid in sched.num_scheduled_tokens:
+            runner.draft_probs.pop(rid, None)
     proposer: Proposer = runner.proposer
     states = runner.states
     sampled = set(out.request_ids)

@@ -125,12 +125,31 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, request_ids: list[str],
                                    default_generator if g is None else g)
             tokens[first:first + len(out)] = out
         else:
-            accepted = 0
-            while accepted < len(d) and tokens[first + accepted] == d[accepted]:
-                accepted += 1
-            out = tokens[first:first + accepted + 1]
+            out = _accepted_then_target(tokens, first, d)
         outputs.append(out)
     return _rows(logits, md, tokens, request_ids, spans, outputs)
+
+
+def verify_argmax(logits: torch.Tensor, request_ids: list[str],
+                  drafts: list[list[int]]) -> list[Row]:
+    """``verify`` for rows that all sample the raw argmax (plain greedy: ``is_plain_greedy``),
+    without sampling metadata: what ``verify`` computes for them (no logprobs)."""
+    tokens = logits.argmax(dim=-1).tolist()  # [R]
+    rows: list[Row] = []
+    first = 0
+    for rid, d in zip(request_ids, drafts):
+        rows += [(rid, t, None, None) for t in _accepted_then_target(tokens, first, d)]
+        first += len(d) + 1
+    return rows
+
+
+def _accepted_then_target(tokens: list[int], first: int, drafts: list[int]) -> list[int]:
+    """The point-mass rule on one request's target tokens (rows ``first..``): its drafts while
+    they equal the target, then the target at the first mismatch (or the bonus)."""
+    accepted = 0
+    while accepted < len(drafts) and tokens[first + accepted] == drafts[accepted]:
+        accepted += 1
+    return tokens[first:first + accepted + 1]
 
 
 def _rows(logits, md, tokens, request_ids, spans, outputs) -> list[Row]:
