@@ -27,17 +27,25 @@ import time
 from conveyor.bench.datasets import load_workload_file
 from conveyor.config import SpeculativeConfig
 from conveyor.core.spec_policy import SpecPolicy
+from conveyor.core.step_cost import StepFeatures
 from conveyor.engine.llm_engine import LLMEngine
 from conveyor.sampling_params import SamplingParams
 from conveyor.spec_decode import build_proposer
 
 
 class _FixedCost:
+    """A step costs ``fixed + per_token * tokens`` (``core.spec_policy.StepCost``)."""
+
+    is_ready = True
+
     def __init__(self, fixed_s: float, per_token_s: float):
         self.fit = (fixed_s, per_token_s)
 
-    def linear_cost(self) -> tuple[float, float]:
-        return self.fit
+    def predict(self, features: StepFeatures) -> float:
+        return self.fit[0] + self.fit[1] * features.num_tokens
+
+    def token_seconds(self, n: int, cached: int) -> float:
+        return self.fit[1]
 
 
 def record(model: str | None, path: str) -> tuple[list[tuple[list[int], list[int]]], tuple]:
@@ -111,7 +119,9 @@ def replay(pairs, config: SpeculativeConfig, cost: tuple[float, float]) -> dict:
         pos = 1
         while pos < len(output):
             limit = len(output) - pos - 1                 # room for the drafts plus one token
-            k = policy.plan({rid: limit}, 1).get(rid, 0) if limit > 0 else 0
+            ctx = len(prompt) + pos
+            k = policy.plan({rid: limit}, StepFeatures.of([(1, ctx - 1)]), {rid: ctx}).get(rid, 0) \
+                if limit > 0 else 0
             d = proposer.propose({rid: (prompt + output[:pos], k)}, {rid: ""}).get(rid, []) \
                 if k else []
             a = 0

@@ -81,23 +81,74 @@ def test_history_scope_follows_the_prefix_cache_scope():
     assert history_scope(salted, False) not in (history_scope(a, False), history_scope(a, True))
 
 
+def _one(rid: str, ctx: int = 0) -> tuple[StepFeatures, dict[str, int]]:
+    return StepFeatures.of([(1, ctx)]), {rid: ctx}
+
+
+def _many(n: int, ctx: int = 0) -> tuple[dict[str, int], StepFeatures, dict[str, int]]:
+    ids = [f"r{i}" for i in range(n)]
+    return {r: 4 for r in ids}, StepFeatures.of([(1, ctx)] * n), {r: ctx for r in ids}
+
+
 def test_policy_skips_large_batches_and_low_acceptance():
     cost = StepCostModel()                          # the engine's one fit, as EngineCore feeds it
     for n in list(range(1, 40)) + list(range(64, 128, 8)):
         cost.observe(StepFeatures(n, 1, 0.0), 0.030 + 0.001 * n)   # 30 ms fixed, 1 ms a token
-    fixed, per_token = cost.linear_cost()
     # one row every step: the row term and the intercept are one (the fit splits them)
     k = cost.coefficients
-    assert fixed + k["per_row"] == pytest.approx(0.030, rel=1e-3)
-    assert per_token == pytest.approx(0.001, rel=1e-3)
+    assert k["intercept"] + k["per_row"] == pytest.approx(0.030, rel=1e-3)
+    assert cost.token_seconds(3, 0) == pytest.approx(0.001, rel=1e-3)
     policy = SpecPolicy(4, cost)
-    assert policy.plan({"solo": 4}, 1) == {"solo": 4}
-    assert policy.plan({f"r{i}": 4 for i in range(200)}, 200) == {}
+    assert policy.plan({"solo": 4}, *_one("solo")) == {"solo": 4}
+    assert policy.plan(*_many(200)) == {}
     for _ in range(20):
         policy.record("bad", 4, 0)
         policy.record("good", 4, 4)
-    assert policy.plan({"bad": 4, "good": 4}, 2) == {"good": 4}
-    assert SpecPolicy(4, None).plan({"x": 2, "y": 0}, 200) == {"x": 2}
+    assert policy.plan({"bad": 4, "good": 4}, StepFeatures.of([(1, 0)] * 2),
+                       {"bad": 0, "good": 0}) == {"good": 4}
+    assert SpecPolicy(4, None).plan({"x": 2, "y": 0}, *_many(1)[1:]) == {"x": 2}
+
+
+def test_policy_prices_drafts_with_every_token_term():
+    """One user at a time: the steps' whole slope may land on the attention term (the fit is
+    non-negative and the rows never vary), leaving ``per_token`` at 0. The drafts' cost is still
+    what the fit says a token costs at the request's depth, so drafting stays priced (it used to
+    read as "unknown" there and fall back to one draft a step, which kept the steps too alike to
+    ever fit a slope: one-user speculation collapsed on a loaded machine)."""
+    cost = StepCostModel()
+    for ctx in range(300, 700, 10):
+        for n in (1, 2, 5, 9, 17):
+            pairs = n * (ctx + (n + 1) / 2)
+            cost.observe(StepFeatures(n, 1, pairs), 0.012 + 1e-6 * pairs)  # slope all in attention
+        prompt = ctx * (ctx + 1) / 2                # each chat's prefill (what makes it ready)
+        cost.observe(StepFeatures(ctx, 1, prompt), 0.012 + 1e-6 * prompt)
+    assert cost.is_ready
+    k = cost.coefficients
+    assert k["per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert cost.token_seconds(1, 500) == pytest.approx(1e-6 * 502, rel=1e-2)
+    policy = SpecPolicy(16, cost)
+    for _ in range(20):
+        policy.record("copy", 8, 8)
+        policy.record("paraphrase", 8, 0)
+        policy.record("half", 8, 4)                 # alpha ~0.8
+    assert policy.plan({"copy": 16}, *_one("copy", 500)) == {"copy": 16}    # 0.5 ms vs a 12 ms step
+    # alpha ~0.09: one position still pays (0.09 x 12.5 ms > 0.5 ms), a second does not
+    assert policy.plan({"paraphrase": 16}, *_one("paraphrase", 500)) == {"paraphrase": 1}
+    # deeper requests pay more per position: at 20,000 tokens a position costs 20 ms
+    assert policy.plan({"half": 16}, *_one("half", 500))["half"] >= 8
+    assert policy.plan({"half": 16}, *_one("half", 20_000))["half"] <= 2
+
+
+def test_policy_explores_when_the_fit_prices_tokens_at_nothing():
+    """A fit with no token slope at all says drafts are free: full drafts, whose larger steps
+    are what corrects the fit (one draft each would keep every step the same size)."""
+    cost = StepCostModel()
+    for n in list(range(1, 40)) + list(range(64, 128, 8)):
+        cost.observe(StepFeatures(n, 1, 0.0), 0.030)
+    assert cost.token_seconds(1, 100) == pytest.approx(0.0, abs=1e-9)
+    policy = SpecPolicy(8, cost)
+    assert policy.plan({"a": 8, "b": 3}, StepFeatures.of([(1, 50)] * 2),
+                       {"a": 50, "b": 50}) == {"a": 8, "b": 3}
 
 
 def test_acceptance_counts_only_positions_reached():
@@ -127,19 +178,17 @@ def test_new_request_starts_from_the_engines_recent_rate():
 def test_policy_drafts_one_until_costs_are_measured():
     """A fresh engine knows no step costs: a 64-request batch must not verify 16 drafts each
     before the fit says whether that pays; one draft each is cheap and varies the step sizes."""
-    class Unknown:
-        def linear_cost(self):
-            return None
-    policy = SpecPolicy(16, Unknown())
-    assert policy.plan({f"r{i}": 16 for i in range(64)}, 64) == {f"r{i}": 1 for i in range(64)}
-    assert policy.plan({"x": 0}, 1) == {}
+    policy = SpecPolicy(16, StepCostModel())              # nothing observed: not ready
+    limits, base, contexts = _many(64)
+    assert policy.plan(limits, base, contexts) == {f"r{i}": 1 for i in range(64)}
+    assert policy.plan({"x": 0}, *_one("x")) == {}
 
 
 def test_measured_cost_needs_data():
     cost = StepCostModel()
     for _ in range(10):
         cost.observe(StepFeatures(5, 1, 0.0), 0.01)
-    assert cost.linear_cost() is None              # one token count: no slope to fit
+    assert not cost.is_ready                       # one token count: no slope to fit
 
 
 def test_drafts_never_pass_max_tokens():

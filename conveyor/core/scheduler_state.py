@@ -19,6 +19,7 @@ from conveyor.core.outputs import SchedulerOutput, StepStats
 from conveyor.core.request import FinishReason, Request, RequestStatus
 from conveyor.core.request_queue import RequestQueue
 from conveyor.core.spec_policy import SpecPolicy
+from conveyor.core.step_cost import StepFeatures
 from conveyor.core.speculation import SpecDecodeStats, max_drafts
 from conveyor.core.swap import SwapManager
 from conveyor.errors import InvalidRequestError
@@ -132,17 +133,20 @@ class SchedulerState:
 
     # ------------------------------------------------------------------ speculative decoding
     def _plan_drafts(self, out: SchedulerOutput) -> dict[str, int]:
-        """Drafts the runner should propose after this step, per request that samples in it."""
+        """Drafts the runner should propose after this step, per request that samples in it.
+        The next step is priced as this one without its drafts (its requests' chunks, each
+        after the tokens it had cached)."""
         if self.spec is None:
             return {}
-        limits, num_drafts = {}, 0
+        limits, contexts, chunks = {}, {}, []
         for rid, n in out.num_scheduled_tokens.items():
             req = self.requests[rid]
             k = len(out.scheduled_spec_tokens.get(rid, ()))
-            num_drafts += k
+            chunks.append((n - k, req.num_computed_tokens))
             if req.num_computed_tokens + n - k == req.num_tokens:
                 limits[rid] = max_drafts(req, self.max_model_len) - 1   # after this step's token
-        return self.spec.plan(limits, out.total_num_scheduled_tokens - num_drafts)
+                contexts[rid] = req.num_tokens
+        return self.spec.plan(limits, StepFeatures.of(chunks), contexts)
 
     def _record_acceptance(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.spec_stats.record(num_drafts, num_accepted)

@@ -15,8 +15,8 @@ What is fitted is the engine's whole iteration, not only the model runner's step
 feeds the time from one step's start to the next's (``EngineCore.step``), so output processing,
 detokenization, the hand-back to the event loop and the GIL that loop holds meanwhile are all in
 the coefficients (per row, mostly). This one fit serves both the prefill budget
-(``core.prefill_budget``) and adaptive speculation (``core.spec_policy``, through
-``linear_cost``).
+(``core.prefill_budget``) and adaptive speculation (``core.spec_policy``, through ``predict``
+and ``token_seconds``).
 
 ``Headroom`` keeps what the mean fit cannot: a high quantile of measured / predicted, tracked
 online and clamped to ``[1, MAX_HEADROOM]``, so the budget aims the step's *p95*, not its mean, at
@@ -125,12 +125,14 @@ class StepCostModel:
         """Predicted seconds of a step with these features (0 before any observation)."""
         return sum(c * x for c, x in zip(self._coef, features.vector()))
 
-    def linear_cost(self) -> tuple[float, float] | None:
-        """``(fixed, per_token)`` seconds of a step, for ``core.spec_policy``; None until ready."""
-        if not self.is_ready:
-            return None
+    def token_seconds(self, n: int, cached: int) -> float:
+        """Marginal seconds of one more token in a chunk of ``n`` tokens after ``cached`` (the
+        row is already in the step): what a request's next draft position costs, for
+        ``core.spec_policy``. All of the fit's token terms count: with one request at a time the
+        rows never vary, and the non-negative solve may put a step's whole per-token slope on
+        the attention term, so the ``per_token`` coefficient alone can read 0."""
         k = self.coefficients
-        return k["intercept"], k["per_token"]
+        return k["per_token"] + k["per_context_token"] * (cached + n + 1)
 
     @property
     def coefficients(self) -> dict[str, float]:
