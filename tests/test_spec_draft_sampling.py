@@ -16,7 +16,8 @@ from conftest import run_engine
 from test_spec_decode import generate
 
 from conveyor.engine.llm_engine import LLMEngine
-from conveyor.runner.spec_step import scheduled_draft_probs
+from conveyor.runner.spec_step import draft_q_rows, scheduled_draft_probs
+from conveyor.structured.request_state import GrammarBitmask
 from conveyor.sampling import SamplingMetadata
 from conveyor.sampling.sampler import processed_logits, sampling_probs
 from conveyor.sampling_params import SamplingParams
@@ -133,6 +134,48 @@ def test_rejection_sampling_rule_alone():
     assert all(len(t) == 2 and t[0] == d for t, d in zip(outs, drafts) if len(t) == 2)
     stat, quantile = chi_square(np.bincount(drafts, minlength=vocab), p0)
     assert stat > quantile                      # the drafts themselves do not follow p
+
+
+def _grammar_cut_first_tokens(rule_with_q: bool, n: int = 6000) -> tuple[float, float]:
+    """Token 1 of ``n`` constrained requests whose one draft was sampled from an unmasked ``q``
+    and dropped when the grammar refuses it (what ``accept_drafts`` does); the chi-square of
+    token 1 against the masked target ``p``, verified with ``q`` or with the point mass."""
+    torch.manual_seed(0)
+    vocab = 8
+    allowed = torch.tensor([1, 1, 0, 1, 0, 1, 0, 1], dtype=torch.bool)
+    logits = torch.tensor([[2.0, 0.5, 0.1, 1.5, -1.0, 0.0, 0.3, 1.0]])
+    logits = logits.masked_fill(~allowed, -1e4)         # the grammar's mask on the target
+    q = torch.tensor([0.05, 0.05, 0.4, 0.05, 0.1, 0.1, 0.05, 0.2])   # half on refused tokens
+    sampled = torch.multinomial(q, n, replacement=True).tolist()
+    drafts = [[x] if allowed[x] else [] for x in sampled]            # cut by the grammar
+    rows_per = [len(d) + 1 for d in drafts]
+    md = SamplingMetadata.build([SamplingParams(temperature=1.0)] * sum(rows_per),
+                                [[0]] * sum(rows_per), [[]] * sum(rows_per),
+                                [None] * sum(rows_per), frozenset(), vocab, "cpu")
+    q_rows = [q[None] if d and rule_with_q else None for d in drafts]
+    rows = verifier.verify(logits.repeat(sum(rows_per), 1), md, [f"r{i}" for i in range(n)],
+                           drafts, torch.Generator().manual_seed(1), q_rows)
+    first: dict[str, int] = {}
+    for rid, token, _, _ in rows:
+        first.setdefault(rid, token)
+    counts = np.bincount(list(first.values()), minlength=vocab)
+    return chi_square(counts, logits.softmax(-1)[0].double().numpy())
+
+
+def test_constrained_drafts_are_verified_as_a_point_mass():
+    """Drafts the grammar cut did not come from ``q``: ``min(1, p/q)`` on them skews the output
+    (caught below), the point mass does not; ``draft_q_rows`` gives constrained requests none."""
+    stat, quantile = _grammar_cut_first_tokens(rule_with_q=False)
+    assert stat < quantile, (stat, quantile)
+    stat, quantile = _grammar_cut_first_tokens(rule_with_q=True)
+    assert stat > quantile, (stat, quantile)
+    q = torch.rand(2, VOCAB)
+    probs = {"free": ([4, 5], q), "json": ([4, 5], q)}
+    grammar = GrammarBitmask(["json", "json", "json"], np.zeros((3, 1), dtype=np.int32))
+    rows = draft_q_rows(probs, ["free", "json"], [[4, 5], [4, 5]], grammar)
+    assert torch.equal(rows[0], q) and rows[1] is None
+    assert all(torch.equal(r, q) for r in draft_q_rows(probs, ["free", "json"],
+                                                        [[4, 5], [4, 5]], None))
 
 
 def test_scheduled_prefix_takes_the_first_rows():

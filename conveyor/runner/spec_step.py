@@ -11,7 +11,8 @@ Sampled draft-model drafts come with their draft probabilities ``q``, kept in
 ``runner.draft_probs`` (request id -> (proposed drafts, ``[k, vocab]`` rows)) until the request's
 next step consumes or replaces them, or it finishes or is preempted. The core may schedule a
 prefix of the proposed drafts: the first rows go with it. Scheduled drafts that are not a prefix
-of what was proposed are verified as a point mass (exact too, only less often accepted).
+of what was proposed are verified as a point mass (exact too, only less often accepted), and so
+are a constrained request's drafts (``draft_q_rows``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
                 failed: dict[str, str]) -> ModelRunnerOutput:
     """Rows for every sampling request of a step with drafts (``logits``: all their rows)."""
     drafts = [sched.scheduled_spec_tokens.get(rid, []) for rid in request_ids]
-    q_rows = [scheduled_draft_probs(runner.draft_probs.get(rid), d)
-              for rid, d in zip(request_ids, drafts)]
+    q_rows = draft_q_rows(runner.draft_probs, request_ids, drafts, sched.grammar)
     ok, first = finite_rows(logits), 0
     keep = []
     for i, (rid, d) in enumerate(zip(request_ids, drafts)):
@@ -54,6 +54,21 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
                             [r for _, rs in keep for r in rs], sched, failed)
     _commit(runner.states, request_ids, drafts, rows)
     return merge_rows(rows, failed)
+
+
+def draft_q_rows(draft_probs: dict, request_ids: list[str], drafts: list[list[int]],
+                 grammar: GrammarBitmask | None) -> list[torch.Tensor | None]:
+    """Per request, the ``q`` rows its drafts are verified with, or None (point mass).
+
+    A constrained request always gets the point mass: its drafts were sampled from the draft
+    model's unmasked ``q`` and then cut at the first one its grammar refuses
+    (``core.speculation.accept_drafts``), so the drafts that reach verification did not come
+    from ``q``, and ``min(1, p / q)`` on them would skew the output distribution (by
+    ``(1 - Q_allowed) * (p - residual)`` at each position). The point-mass rule is exact for any
+    draft, however it was chosen."""
+    constrained = set(grammar.request_ids) if grammar is not None else set()
+    return [None if rid in constrained else scheduled_draft_probs(draft_probs.get(rid), d)
+            for rid, d in zip(request_ids, drafts)]
 
 
 def scheduled_draft_probs(proposed: tuple[list[int], torch.Tensor] | None,
