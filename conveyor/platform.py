@@ -276,6 +276,17 @@ def resolve_dtype(dtype: str, device: torch.device, cpu: CpuInfo | None = None) 
             "auto": torch.float32}[dtype]
 
 
+def _aten_capability(info: CpuInfo) -> str:
+    """ATen's vector level, flagged when it is above the oneDNN cap: ATen's own kernels
+    (elementwise ops, softmax, ...) follow ``ATEN_CPU_CAPABILITY``, not ``ONEDNN_MAX_CPU_ISA``, so
+    a capped run that should behave like a smaller CPU needs both."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    if info.isa_cap is not None and aten.startswith("AVX512") \
+            and "avx512_core" not in ISA_LEVELS[info.isa_cap]:
+        return f"{aten}(above_isa_cap:set_ATEN_CPU_CAPABILITY=avx2)"
+    return aten
+
+
 def describe(device: torch.device | None = None) -> str:
     """One line about the machine and the paths it takes, for logs and benchmark reports."""
     info = cpu_info()
@@ -285,7 +296,7 @@ def describe(device: torch.device | None = None) -> str:
     kernel_env = os.environ.get(KERNEL_ARCH_ENV)
     parts += [f"decisions=[{info.decisions()}" + (f" kernel_env={kernel_env!r}]" if kernel_env
                                                   else "]"),
-              f"aten={torch.backends.cpu.get_cpu_capability()}",
+              f"aten={_aten_capability(info)}",
               f"torch={torch.__version__}", f"threads={torch.get_num_threads()}"]
     if device is not None and device.type == "cuda":
         parts.append(f"gpu={torch.cuda.get_device_name(device)!r}")

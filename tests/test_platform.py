@@ -192,10 +192,17 @@ def test_describe_states_the_decisions_and_the_cap(monkeypatch):
     for part in ("isa_cap=AVX2", "auto_dtype=float32", "bf16=emulated+plain", "int8=refused",
                  "kernel=avx2", "kernel_env='generic'", "aten="):
         assert part in line, line
+    # ATen's own kernels ignore the oneDNN cap: a capped run says when they are above it
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert "aten=AVX512(above_isa_cap:set_ATEN_CPU_CAPABILITY=avx2)" in platform.describe(CPU)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert " aten=AVX2 " in platform.describe(CPU)
     monkeypatch.setattr(platform, "cpu_info", lambda: CpuInfo.of(CPUS["zen4"]))
     monkeypatch.delenv(platform.KERNEL_ARCH_ENV)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     line = platform.describe(CPU)
     assert "isa_cap" not in line and "int8=ok kernel=avx512_bf16" in line
+    assert " aten=AVX512 " in line
 
 
 def test_bf16_prepack_decision_agrees_with_onednn():
