@@ -131,8 +131,9 @@ class StepCostModel:
         ``core.spec_policy``. All of the fit's token terms count: with one request at a time the
         rows never vary, and the non-negative solve may put a step's whole per-token slope on
         the attention term, so the ``per_token`` coefficient alone can read 0."""
-        k = self.coefficients
-        return k["per_token"] + k["per_context_token"] * (cached + n + 1)
+        # the raw coefficients, not ``coefficients``' dict: the policy asks once per draft position
+        return (self._coef[1] * _SCALE[1]
+                + self._coef[3] * _SCALE[3] * (cached + n + 1))
 
     @property
     def coefficients(self) -> dict[str, float]:

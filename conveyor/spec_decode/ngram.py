@@ -7,7 +7,7 @@ likely to go on for about as long again. Rejected draft tokens are not free (eac
 the verifying step), so sizing the draft by the evidence for it beats drafting ``k`` every time:
 on the grounded chats of ``scripts/workloads/grounded_chats.jsonl`` replayed offline through the
 measured step cost, ``k = 16`` with the cap gives 2.13x the tokens per second of no speculation,
-against 2.07x without it (see ``docs/speculative.md``).
+against 2.07x without it (BENCHMARKS.md, issue 16).
 
 Stateless and cheap: one vectorised scan of the history per proposal. Drafts are a
 deterministic function of the committed tokens (their draft probability is 1).
