@@ -14,7 +14,12 @@ Decision table (features are any-of alternatives over /proc/cpuinfo flags):
 | has_avx512         | avx512f + avx512bw + avx512vl + avx512dq      | kernel arch avx512               |
 | can_prepack_bf16   | has_avx512, or avx_ne_convert + avx_vnni_int8 | bf16 linears prepacked for oneDNN|
 | has_native_bf16    | avx512_bf16 or amx_bf16                       | --dtype auto = bf16; kernel bf16 |
+| bf16_gemm          | kernel arch avx512_bf16, no amx_bf16          | bf16 linears: conveyor's GEMM    |
 | has_vnni           | avx512_vnni, avx_vnni or amx_int8             | --quantization int8 allowed      |
+
+``bf16_gemm`` names who multiplies bf16 linears: "conveyor" (``csrc/bf16_gemm.cpp``, faster at
+decode sizes), "onednn" (prepacked) where oneDNN can prepack bf16, else "plain" (``nn.Linear``).
+AMX CPUs keep oneDNN, whose AMX tiles this kernel does not use.
 
 So Zen 3 / Zen 1 (AVX2 + FMA): fp32 by default, bf16 runs on plain linears (slow), int8 refused;
 Skylake-X (AVX-512, no VNNI/bf16): bf16 prepacked but emulated, int8 refused; Alder Lake (AVX2 +
@@ -158,6 +163,13 @@ class CpuInfo:
     has_vnni = property(lambda self: self.has("vnni"))
 
     @property
+    def bf16_gemm(self) -> str:
+        """Who multiplies bf16 linears (see the decision table)."""
+        if self.kernel_arch == KernelArch.AVX512_BF16 and not self.has("amx_bf16"):
+            return "conveyor"
+        return "onednn" if self.can_prepack_bf16 else "plain"
+
+    @property
     def kernel_arch(self) -> KernelArch:
         """The best C++ kernel target this CPU runs."""
         return [a for a in KernelArch if all(self.has(f) for f in a.features)][-1]
@@ -169,8 +181,8 @@ class CpuInfo:
 
     def decisions(self) -> str:
         """The paths this CPU takes, for ``describe()``."""
-        bf16 = ("native" if self.has_native_bf16 else "emulated") + (
-            "+prepacked" if self.can_prepack_bf16 else "+plain")
+        bf16 = ("native" if self.has_native_bf16 else "emulated") + {
+            "conveyor": "+conveyor_gemm", "onednn": "+prepacked", "plain": "+plain"}[self.bf16_gemm]
         return (f"auto_dtype={'bfloat16' if self.has_native_bf16 else 'float32'} bf16={bf16} "
                 f"int8={'ok' if self.has_vnni else 'refused'} kernel={self.kernel_arch.value}")
 

@@ -10,7 +10,8 @@ alternating on one engine, then llama.cpp's server with and without its n-gram s
 Grounded chats run one request at a time (one user), each request without and with speculation
 back to back (the order alternating), so machine drift hits both alike; the peer workload all
 at once with up to ``--peer-concurrency`` requests running (one engine per value,
-``max_num_seqs``). Everything is
+``max_num_seqs``), four runs a round in the order off, spec, spec, off (spec first in odd
+rounds), each variant's round being the mean of its two runs. Everything is
 greedy (``bench_params``); the peer workload ignores EOS (every system does the same work), the
 grounded chats end where the answer ends (their rows say ``"ignore_eos": false``: a user is not
 served the tokens after EOS). Greedy outputs are identical with and without speculation, so both
@@ -19,7 +20,8 @@ differently from a one-token step, so a near-tie can flip and a chat's answer di
 chats kept the same length, and the tokens each variant generated, are printed). Each run's requests carry their own tenant, so no run hits another run's prefix cache.
 llama.cpp gets the same token ids over ``/v1/completions`` (a fresh server per variant, one
 slot); its ``timings`` give draft and accepted counts. Prints one JSON line per run, then a
-markdown table with the machine, its load, the date and this command.
+markdown table with the machine, its load, the date and this command; over several rounds, the
+spread of the per-round ratios too (mean, a 95% interval from Student's t, min and max).
 """
 
 from __future__ import annotations
@@ -108,14 +110,23 @@ def _conveyor_pair(engine, name: str, workload: Workload, runner, rnd: int, rows
         t0 = time.monotonic()
         results = _interleaved(engine, saved, workload, f"{name}-{rnd}", rnd)
         wall = {on: (time.monotonic() - t0) / 2 for on in (False, True)}   # shared, split
-    else:
-        results, wall = {}, {}
-        for on in ((False, True) if rnd % 2 == 0 else (True, False)):   # first one alternates
+    else:   # ABBA (BAAB in odd rounds): drift over the four runs hits both variants alike
+        runs: dict[bool, list] = {False: [], True: []}
+        wall = {False: 0.0, True: 0.0}
+        first = rnd % 2 == 1
+        for on in (first, not first, not first, first):
             _switch(engine, saved, on)
             t0 = time.monotonic()
-            results[on] = runner(engine, workload, f"{name}-{'spec' if on else 'off'}-{rnd}")
-            wall[on] = time.monotonic() - t0
+            runs[on].append(runner(engine, workload,
+                                   f"{name}-{'spec' if on else 'off'}-{rnd}-{len(runs[on])}"))
+            wall[on] += time.monotonic() - t0
         _switch(engine, saved, True)
+        results = {}
+        for on, (a, b) in runs.items():
+            spec: dict = {}
+            _add_spec(spec, a[2])
+            _add_spec(spec, b[2])
+            results[on] = ((a[0] + b[0]) / 2, a[1], spec)
     base = results[False][0]
     for on in (False, True):
         rate, records, spec = results[on]
@@ -220,8 +231,24 @@ def _pooled(rows: list[dict]) -> list[dict]:
         row = _row(workload, variant, rate, base, spec or None, sum(r["wall_s"] for r in rs))
         if spec and "num_drafts" not in spec:          # llama.cpp: no per-draft count
             row["mean_accepted_length"] = None
-        out.append({**row, "rounds": len(rs)})
+        ratios = [r["vs_off"] for r in rs if r.get("vs_off")]
+        out.append({**row, "rounds": len(rs), "round_ratios": _spread(ratios)})
     return out
+
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}   # Student's t, two-sided 95%, by degrees of freedom
+
+
+def _spread(ratios: list[float]) -> dict | None:
+    """Mean, 95% half-width (Student's t over the rounds), min and max of per-round ratios."""
+    if len(ratios) < 2:
+        return None
+    n = len(ratios)
+    mean = sum(ratios) / n
+    sd = (sum((x - mean) ** 2 for x in ratios) / (n - 1)) ** 0.5
+    return {"mean": round(mean, 3), "ci95": round(_T95.get(n - 1, 1.96) * sd / n ** 0.5, 3),
+            "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
 def _table(rows: list[dict], load: tuple, started: str, args) -> str:
@@ -241,11 +268,16 @@ def _table(rows: list[dict], load: tuple, started: str, args) -> str:
                    f"{fmt(r['mean_accepted_length'])} | {r['wall_s']} |")
     if args.rounds > 1:
         out += ["", f"Over all {args.rounds} rounds (mean output tok/s; × off: the ratio of the "
-                "means):", "", out[4], out[5]]
+                "means; per round: the rounds' own ratios, mean ± 95% interval, min-max):", "",
+                out[4][:-len("| wall s |")] + "| per round × off | wall s |",
+                out[5] + "---|"]
         for r in _pooled(rows):
+            sp = r["round_ratios"]
+            spread = "—" if sp is None else \
+                f"{sp['mean']} ± {sp['ci95']} ({sp['min']}-{sp['max']})"
             out.append(f"| {r['workload']} | {r['variant']} | {round(r['output_tok_s'], 2)} | "
                        f"{fmt(r['vs_off'], '×')} | {fmt(r['acceptance_rate'])} | "
-                       f"{fmt(r['mean_accepted_length'])} | {round(r['wall_s'], 1)} |")
+                       f"{fmt(r['mean_accepted_length'])} | {spread} | {round(r['wall_s'], 1)} |")
     return "\n".join(out)
 
 

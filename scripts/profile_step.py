@@ -33,7 +33,7 @@ from conveyor.sampling_params import SamplingParams
 from conveyor.engine.llm_engine import LLMEngine
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
-            "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise")
+            "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise", "conveyor_cpu::bf16_linear")
 ATTN_OPS = ("conveyor_cpu::paged_attention", "aten::index_copy_", "aten::_scaled_dot_product",
             "conveyor_cpu::write_kv")
 

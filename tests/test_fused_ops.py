@@ -1,5 +1,6 @@
 """The CPU fast paths against their plain-PyTorch references: the fused C++ element-wise ops
-(RMSNorm, residual add + RMSNorm, RoPE, KV write), oneDNN-prepacked linears, and a whole model
+(RMSNorm, residual add + RMSNorm, RoPE, KV write), conveyor's bf16 GEMM and oneDNN-prepacked
+linears, and a whole model
 with both switched on vs off on ragged batches (chunked prefills, decodes, block tables with
 holes, lengths that are not multiples of the block size), in fp32 and bf16; bf16 linears are
 prepacked only where ``platform`` says oneDNN can (``bf16_prepack``), and run plain elsewhere."""
@@ -16,7 +17,8 @@ from conveyor.attention import cpu_kernel
 from conveyor.attention.backend import write_kv
 from conveyor.models.config import ArchConfig
 from conveyor.models.llama import LlamaForCausalLM, RMSNorm
-from conveyor.models.packed import PackedLinear, num_parameters, pack_linears, packing_supported
+from conveyor.models.packed import (PackedLinear, conveyor_gemm_takes, num_parameters, pack_linears,
+                                    packing_supported)
 from conveyor.models.rope import RotaryEmbedding
 from test_attention import random_batch
 
@@ -138,6 +140,80 @@ def test_packed_linear_equals_f_linear(dtype, bias, rows):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_strided, want, **tol)
+
+
+needs_bf16_gemm = pytest.mark.skipif(
+    ops is None or not ops.has_bf16_gemm(torch.empty(0)),
+    reason="the C++ extension here has no bf16 GEMM (needs the avx512_bf16 kernel build)")
+
+
+def _bf16_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 sums of the same bf16 inputs, the bias added in fp32, rounded to bf16 once."""
+    y = x.float() @ w.float().t()
+    return (y if bias is None else y + bias.float()).to(torch.bfloat16)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("n, k", [(200, 96), (64, 64), (70, 130), (16, 32), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 64, 301])
+@pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
+def test_bf16_gemm_equals_fp32_sums_of_the_same_inputs(n, k, rows, bias):
+    """Every row count of the 6-row chunks (a partial last chunk, several row tiles at K=1536),
+    output widths that are not a multiple of the 32-column groups (and an odd number of groups), and both bias dtypes: one
+    bf16 rounding from the reference's fp32 sums."""
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    b = None if bias is None else torch.randn(n, generator=gen).to(bias)
+    wide = torch.randn(rows, k + 10, generator=gen).to(torch.bfloat16)
+    x = wide[:, 4:4 + k]                                  # row stride k + 10: not contiguous
+    packed = ops.pack_bf16_weight(w)
+    assert tuple(packed.shape) == ((n + 31) // 32, k // 2, 32, 2)
+    out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16)
+    ops.bf16_linear(out, x, packed, torch.empty(0) if b is None else b)
+    want = _bf16_reference(x, w, b)
+    # one rounding apart: a bf16 ulp is 2**-7 relative; sums of ~k terms differ by order only
+    torch.testing.assert_close(out.float(), want.float(), rtol=8e-3, atol=1e-3 * k ** 0.5)
+    assert torch.isfinite(out).all()
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_refuses_what_it_cannot_take():
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    packed = ops.pack_bf16_weight(w)
+    x, out = torch.randn(3, 16).to(torch.bfloat16), torch.empty(3, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="K must be even"):
+        ops.pack_bf16_weight(torch.randn(8, 15).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be bf16"):
+        ops.bf16_linear(out, x.float(), packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.bf16_linear(out, torch.randn(3, 18).to(torch.bfloat16), packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.bf16_linear(torch.empty(3, 70, dtype=torch.bfloat16), x, packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bf16_linear(out, x, packed, torch.randn(9))
+    ops.bf16_linear(out, x, packed, torch.empty(0))       # still fine after the refusals
+    torch.testing.assert_close(out.float(), _bf16_reference(x, w, None).float(), rtol=8e-3, atol=4e-3)
+
+
+@needs_bf16_gemm
+def test_packed_bf16_linears_take_conveyors_gemm_here_unless_disabled(monkeypatch):
+    """On this CPU bf16 layers go to conveyor's GEMM, and equal oneDNN's packed result (3-D input
+    too); ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN; odd K and fp32 always keep oneDNN."""
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(96, 200, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 5, 96, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        ours = PackedLinear(lin)
+        monkeypatch.setenv("CONVEYOR_DISABLE_BF16_GEMM", "1")
+        theirs = PackedLinear(lin)
+        monkeypatch.delenv("CONVEYOR_DISABLE_BF16_GEMM")
+        assert (ours.kernel, theirs.kernel) == ("conveyor", "oneDNN")
+        got, want = ours(x), theirs(x)
+    assert got.shape == want.shape == (2, 5, 200)
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=8e-3)
+    assert not conveyor_gemm_takes(torch.randn(8, 15).to(torch.bfloat16))
+    assert not conveyor_gemm_takes(torch.randn(8, 16))
+    assert PackedLinear(nn.Linear(16, 8)).kernel == "oneDNN"
 
 
 @needs_onednn

@@ -45,6 +45,11 @@ EXPECTED = {
 CPU = torch.device("cpu")
 
 
+BF16_GEMM = {"sandy_bridge": "plain", "zen1": "plain", "zen3": "plain", "alder_lake": "plain",
+             "skylake_x": "onednn", "cascade_lake": "onednn", "zen4": "conveyor",
+             "sapphire_rapids": "onednn", "aarch64": "plain"}   # AMX: oneDNN's tiles
+
+
 def decisions(cpu: CpuInfo) -> tuple:
     return (int(cpu.has_avx2), int(cpu.has_avx512), int(cpu.can_prepack_bf16),
             int(cpu.has_native_bf16), int(cpu.has_vnni), cpu.kernel_arch.value,
@@ -54,6 +59,17 @@ def decisions(cpu: CpuInfo) -> tuple:
 @pytest.mark.parametrize("name", sorted(CPUS))
 def test_decision_table(name):
     assert decisions(CpuInfo.of(CPUS[name])) == EXPECTED[name]
+    assert CpuInfo.of(CPUS[name]).bf16_gemm == BF16_GEMM[name]
+
+
+def test_bf16_gemm_follows_the_isa_cap():
+    """Capped below AMX a Sapphire Rapids is a Zen 4 to the GEMM decision too; capped below
+    AVX512_BF16, oneDNN (or plain linears) again."""
+    spr = CPUS["sapphire_rapids"]
+    assert [CpuInfo.of(spr, cap).bf16_gemm for cap in
+            ("AVX512_CORE_AMX", "AVX512_CORE_BF16", "AVX512_CORE_VNNI", "AVX2")] == \
+        ["onednn", "conveyor", "onednn", "plain"]
+    assert "bf16=native+conveyor_gemm " in CpuInfo.of(CPUS["zen4"]).decisions()
 
 
 # Sapphire Rapids capped at each oneDNN level takes the paths of the CPU that level describes.
@@ -232,6 +248,7 @@ x = torch.randn(5, 16).bfloat16()
 want = model(x)
 out["bf16_packed"] = pack_linears(model)
 out["bf16_err"] = (model(x) - want).abs().max().item()
+out["bf16_kernels"] = [getattr(m, "kernel", None) for m in model]
 try:
     check_supported(torch.device("cpu"))
     lin = nn.Linear(96, 80)
@@ -262,6 +279,8 @@ def test_capped_run_takes_the_paths_that_work_under_the_cap(cap):
     assert got["onednn_bf16"] == want.can_prepack_bf16
     assert got["bf16_packed"] == (2 if want.can_prepack_bf16 else 0)
     assert got["bf16_err"] <= 0.05
+    if want.can_prepack_bf16:   # conveyor's bf16 GEMM needs the avx512_bf16 build: not under these caps
+        assert got["bf16_kernels"] == ["oneDNN", "oneDNN"]
     if want.has_vnni:
         assert got["int8_err"] < 1e-3
     else:

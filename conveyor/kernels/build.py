@@ -1,8 +1,9 @@
 """Building and loading conveyor's C++ extension (``conveyor/csrc``), once per process.
 
 One extension, one op namespace (``torch.ops.conveyor_cpu``): ``paged_attention.cpp`` (the
-"cpu" attention backend's kernel, ``attention/cpu_kernel.py``) and ``fused_ops.cpp`` (RMSNorm,
-fused residual-add + RMSNorm, RoPE, KV write, SwiGLU, int8 row quantization: ``models/``).
+"cpu" attention backend's kernel, ``attention/cpu_kernel.py``), ``fused_ops.cpp`` (RMSNorm,
+fused residual-add + RMSNorm, RoPE, KV write, SwiGLU, int8 row quantization: ``models/``) and
+``bf16_gemm.cpp`` (bf16 linears on AVX512_BF16 builds: ``models/packed.py``).
 
 Invariants:
 - Importing this module compiles nothing; the first ``KernelLoader.available()`` builds (once
@@ -41,7 +42,7 @@ from conveyor.platform import KernelArch, cpu_info
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp")   # one extension, one op namespace
+SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "bf16_gemm.cpp")   # one extension, one op namespace
 HEADERS = (_CSRC / "exp2_poly.h",)                                    # part of the build's cache key
 _EXT_NAME = "conveyor_paged_attention"
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]

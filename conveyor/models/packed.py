@@ -1,4 +1,5 @@
-"""Linear layers with weights prepacked once for oneDNN, for CPU inference.
+"""Linear layers with weights prepacked once, for CPU inference: for conveyor's bf16 GEMM or for
+oneDNN.
 
 ``F.linear`` on CPU hands oneDNN a plain row-major weight on every call, and oneDNN re-lays it
 out into its blocked format each time: for the small-batch GEMMs of decode steps that costs about
@@ -6,9 +7,15 @@ as much as the multiply itself (profiled: the 30 layers' GEMMs of SmolLM2 take 1
 and 63 ms at batch 64 with plain weights, 11 ms and 45 ms prepacked, bf16, Zen 4). vLLM's CPU
 backend and torch.compile's freezing pass do the same prepacking.
 
+bf16 linears go to conveyor's own GEMM (``csrc/bf16_gemm.cpp``) where ``platform`` says
+``bf16_gemm == "conveyor"`` and the built extension has it: at decode sizes it streams the
+weights faster than oneDNN and keeps 6 rows for about the price of one (BENCHMARKS.md, "A bf16
+GEMM for small batches"). ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN.
+
 Invariants:
 - Packing changes the layout, not the maths: outputs equal ``F.linear``'s up to summation order
-  (tested; F.linear itself picks other kernels for some shapes, e.g. gemv for one row).
+  (tested; F.linear itself picks other kernels for some shapes, e.g. gemv for one row). A bf16
+  output is rounded once from fp32 sums, in both kernels.
 - Only CPU modules in fp32 or bf16 are packed, only where this torch build has oneDNN, and bf16
   only where ``platform.cpu_info().can_prepack_bf16`` (oneDNN refuses the bf16 reorder without
   AVX-512 core or AVX-NE-CONVERT: plain bf16 linears still run there, slowly);
@@ -29,6 +36,8 @@ from conveyor import platform
 
 log = logging.getLogger(__name__)
 
+_NO_BIAS = torch.empty(0)
+
 _BATCH_HINT = 64   # oneDNN's layout choice barely depends on it for these shapes (measured 1-256)
 
 
@@ -43,23 +52,51 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def conveyor_gemm_takes(weight: torch.Tensor) -> bool:
+    """Whether this bf16 weight goes to conveyor's GEMM rather than oneDNN (see above)."""
+    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2
+            or os.environ.get("CONVEYOR_DISABLE_BF16_GEMM") == "1"
+            or platform.cpu_info().bf16_gemm != "conveyor"):
+        return False
+    return _extension_has_bf16_gemm()
+
+
+def _extension_has_bf16_gemm() -> bool:
+    from conveyor.kernels import LOADER  # noqa: PLC0415 - builds the extension on first use
+    if not LOADER.available():
+        return False
+    return bool(torch.ops.conveyor_cpu.has_bf16_gemm(_NO_BIAS))
+
+
 class PackedLinear(nn.Module):
-    """``y = x W^T + b`` through oneDNN with W packed once. Input ``[T, in]``, output ``[T, out]``."""
+    """``y = x W^T + b`` with W packed once, for conveyor's bf16 GEMM (``kernel == "conveyor"``)
+    or oneDNN. Input ``[..., in]``, output ``[..., out]``."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
+        self.kernel = "conveyor" if conveyor_gemm_takes(weight) else "oneDNN"
+        if self.kernel == "conveyor":
+            self.packed = torch.ops.conveyor_cpu.pack_bf16_weight(weight)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.kernel == "oneDNN":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.bfloat16)
+        torch.ops.conveyor_cpu.bf16_linear(out, rows, self.packed,
+                                           _NO_BIAS if self.bias is None else self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"packed={self.kernel}")
 
 
 def linear_children(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -1,0 +1,224 @@
+// bf16 linear layers for CPUs with AVX512_BF16: y = x W^T (+ bias), x and y bf16, fp32 sums.
+//
+// Why not oneDNN: a decode step multiplies a handful of rows by every weight of the model, so
+// it is bound by how fast the weights stream from memory, not by arithmetic. oneDNN's prepacked
+// bf16 GEMM streamed SmolLM2's 212 MB of layer weights at about 30 GB/s on a 2-core Zen 5
+// (7.3 ms a step at 1 row), and its cost stepped up every 6 rows; this kernel streams them at
+// about 45 GB/s (4.7 ms), and 6 rows cost about what one does (BENCHMARKS.md, "A bf16 GEMM
+// for small batches"). At hundreds of rows the multiply itself bounds both, and oneDNN's blocking
+// is a little better there (about 3% at 512 rows, 12% at 1024).
+//
+// Owns the ops:
+//   pack_bf16_weight(w [N, K] bf16) -> packed [G, K/2, 32, 2] bf16    G = ceil(N / 32); N is
+//       padded with zero columns, K must be even. Group g holds output columns 32g..32g+31; for
+//       each pair of input features p it stores 2 vectors of [16 columns][2 features] (128 bytes),
+//       so a group is one contiguous stream and one vdpbf16ps multiplies a pair of features of a
+//       row by 16 columns.
+//   bf16_linear(out [M, N] bf16, x [M, K] bf16, packed, bias [N] fp32|bf16 or empty) -> ()
+//   has_bf16_gemm(probe: any CPU tensor) -> bool  whether this build has the kernel (AVX512_BF16)
+//
+// Invariants:
+//   * Sums are fp32 over pairs of exact bf16 products (vdpbf16ps, round to nearest even,
+//     denormal inputs read as zero), the bias is added in fp32, and each output is rounded to
+//     bf16 once: the result equals an fp32 GEMM of the same bf16 inputs up to summation order
+//     and that one rounding (tested against torch).
+//   * Work splits over threads by group (up to 6 rows) or by (pair of groups, 6-row chunk),
+//     never two threads on one output, over row tiles whose x slice stays in a core's L2 while
+//     the groups stream by: up to 6 rows every weight is read from memory once.
+//   * Shapes, dtypes and strides are checked; rows may have any stride, features must be
+//     contiguous. Nothing is read past x's rows or the packed weight.
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define CONVEYOR_BF16_GEMM 1
+#else
+#define CONVEYOR_BF16_GEMM 0
+#endif
+
+namespace conveyor_cpu {
+namespace {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+constexpr int64_t kGroup = 32;       // output columns of one packed group (2 vectors of 16)
+constexpr int64_t kPairElems = kGroup * 2;   // bf16 values per feature pair of a group
+
+#if CONVEYOR_BF16_GEMM
+struct Args {
+  const uint16_t* x;
+  int64_t ldx;          // x row stride (elements)
+  const uint16_t* w;    // packed
+  int64_t pairs;        // K / 2
+  uint16_t* y;
+  int64_t ldy;
+  int64_t n;            // valid output columns
+  const float* bias_f;  // one of the two, or neither
+  const uint16_t* bias_h;
+};
+
+inline float bias_at(const Args& a, int64_t col) {
+  if (a.bias_f) return a.bias_f[col];
+  if (a.bias_h) { uint32_t u = uint32_t(a.bias_h[col]) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  return 0.0f;
+}
+
+// MR rows (from row0) x NS groups (from g): 2 * NS vectors of 16 columns, one weight stream per
+// group.
+template <int MR, int NS>
+inline void micro(const Args& a, int64_t row0, int64_t g) {
+  constexpr int NB = 2 * NS;
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  const uint16_t* ws[NS];
+  for (int s = 0; s < NS; ++s) ws[s] = a.w + (g + s) * a.pairs * kPairElems;
+  const int32_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = reinterpret_cast<const int32_t*>(a.x + (row0 + m) * a.ldx);
+  for (int64_t p = 0; p < a.pairs; ++p) {
+    __m512bh wv[NB];
+    for (int s = 0; s < NS; ++s) {
+      const uint16_t* wp = ws[s] + p * kPairElems;
+      if (p + 16 < a.pairs)   // the stream ahead (the hardware prefetcher alone lags at 1 row)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + 16 * kPairElems), _MM_HINT_T0);
+      wv[2 * s] = (__m512bh)_mm512_loadu_si512(wp);
+      wv[2 * s + 1] = (__m512bh)_mm512_loadu_si512(wp + 32);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[m][p]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xb, wv[b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t c = g * kGroup + b * 16;
+    if (c >= a.n) break;
+    const int valid = int(std::min<int64_t>(16, a.n - c));
+    const __mmask16 mask = valid == 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    __m512 bias = _mm512_setzero_ps();
+    if (a.bias_f || a.bias_h) {
+      alignas(64) float tmp[16] = {};
+      for (int i = 0; i < valid; ++i) tmp[i] = bias_at(a, c + i);
+      bias = _mm512_load_ps(tmp);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][b], bias));
+      _mm256_mask_storeu_epi16(a.y + (row0 + m) * a.ldy + c, mask, (__m256i)h);
+    }
+  }
+}
+
+template <int NS>
+inline void rows(const Args& a, int64_t row0, int64_t count, int64_t g) {
+  switch (count) {   // 1..6
+    case 1: micro<1, NS>(a, row0, g); break;
+    case 2: micro<2, NS>(a, row0, g); break;
+    case 3: micro<3, NS>(a, row0, g); break;
+    case 4: micro<4, NS>(a, row0, g); break;
+    case 5: micro<5, NS>(a, row0, g); break;
+    default: micro<6, NS>(a, row0, g); break;
+  }
+}
+
+// Row tiles whose x slice stays in a core's L2 (<= 384 KB). A tile of up to 6 rows splits by
+// group (32 columns: fine enough to balance the threads; every weight read once); a larger one
+// by (pair of groups, 6-row chunk), pair-major, so a pair streams from memory once per tile and
+// its later chunks find it in L2.
+void run(const Args& a, int64_t M, int64_t groups) {
+  const int64_t k = 2 * a.pairs;
+  const int64_t tile = std::max<int64_t>(6, (384 * 1024 / (2 * k)) / 6 * 6);
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+    const int64_t m1 = std::min(M, m0 + tile), chunks = (m1 - m0 + 5) / 6;
+    if (chunks == 1) {
+      torch::stable::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) rows<1>(a, m0, m1 - m0, g);
+      });
+      continue;
+    }
+    const int64_t pairs = (groups + 1) / 2;
+    torch::stable::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t g = 2 * (u / chunks), r = m0 + (u % chunks) * 6;
+        const int64_t count = std::min<int64_t>(6, m1 - r);
+        if (g + 1 < groups) rows<2>(a, r, count, g);
+        else rows<1>(a, r, count, g);
+      }
+    });
+  }
+}
+#endif
+
+bool is_bf16(const Tensor& t) { return t.scalar_type() == ScalarType::BFloat16; }
+
+}  // namespace
+
+bool has_bf16_gemm(Tensor probe) { (void)probe; return CONVEYOR_BF16_GEMM != 0; }
+
+Tensor pack_bf16_weight(Tensor w) {
+  STD_TORCH_CHECK(is_bf16(w) && w.dim() == 2, "pack_bf16_weight: w must be bf16 [N, K]");
+  const int64_t n = w.size(0), k = w.size(1);
+  STD_TORCH_CHECK(k % 2 == 0 && k > 0 && n > 0, "pack_bf16_weight: K must be even and positive");
+  const int64_t groups = (n + kGroup - 1) / kGroup, pairs = k / 2;
+  Tensor out = torch::stable::new_zeros(w, {groups, pairs, kGroup, 2});   // padding columns: 0
+  uint16_t* dst = static_cast<uint16_t*>(out.mutable_data_ptr());
+  const uint16_t* src = static_cast<const uint16_t*>(w.const_data_ptr());
+  const int64_t s0 = w.stride(0), s1 = w.stride(1);
+  torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      uint16_t* col = dst + (c / kGroup) * pairs * kPairElems + (c % kGroup) * 2;
+      for (int64_t i = 0; i < k; ++i) col[(i / 2) * kPairElems + (i & 1)] = src[c * s0 + i * s1];
+    }
+  });
+  return out;
+}
+
+void bf16_linear(Tensor out, Tensor x, Tensor packed, Tensor bias) {
+#if CONVEYOR_BF16_GEMM
+  STD_TORCH_CHECK(is_bf16(x) && is_bf16(out) && is_bf16(packed),
+                  "bf16_linear: x, out and packed must be bf16");
+  STD_TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && packed.dim() == 4 && packed.size(2) == kGroup &&
+                  packed.size(3) == 2 && packed.is_contiguous(),
+                  "bf16_linear: x [M, K], out [M, N], packed [G, K/2, 32, 2] (pack_bf16_weight)");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), groups = packed.size(0);
+  STD_TORCH_CHECK(out.size(0) == M && K == 2 * packed.size(1) && N <= groups * kGroup &&
+                  N > (groups - 1) * kGroup, "bf16_linear: shapes do not match the packed weight");
+  STD_TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && x.stride(0) % 2 == 0,
+                  "bf16_linear: x and out need contiguous features (and x an even row stride)");
+  Args a{static_cast<const uint16_t*>(x.const_data_ptr()), x.stride(0),
+         static_cast<const uint16_t*>(packed.const_data_ptr()), packed.size(1),
+         static_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0), N, nullptr, nullptr};
+  if (bias.numel() > 0) {
+    STD_TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.stride(0) == 1 &&
+                    (is_bf16(bias) || bias.scalar_type() == ScalarType::Float),
+                    "bf16_linear: bias must be fp32 or bf16 [N], contiguous");
+    if (is_bf16(bias)) a.bias_h = static_cast<const uint16_t*>(bias.const_data_ptr());
+    else a.bias_f = static_cast<const float*>(bias.const_data_ptr());
+  }
+  if (M > 0) run(a, M, groups);
+#else
+  (void)out; (void)x; (void)packed; (void)bias;
+  STD_TORCH_CHECK(false, "bf16_linear: this build has no AVX512_BF16 kernel (has_bf16_gemm)");
+#endif
+}
+
+}  // namespace conveyor_cpu
+
+STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("has_bf16_gemm(Tensor probe) -> bool");
+  m.def("pack_bf16_weight(Tensor w) -> Tensor");
+  m.def("bf16_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor bias) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("has_bf16_gemm", TORCH_BOX(&conveyor_cpu::has_bf16_gemm));
+  m.impl("pack_bf16_weight", TORCH_BOX(&conveyor_cpu::pack_bf16_weight));
+  m.impl("bf16_linear", TORCH_BOX(&conveyor_cpu::bf16_linear));
+}
