@@ -74,7 +74,7 @@ inline float bias_at(const Args& a, int64_t col) {
 
 // MR rows (from row0) x NS groups (from g): 2 * NS vectors of 16 columns, one weight stream per
 // group.
-template <int MR, int NS>
+template <int MR, int NS, bool PREFETCH>
 inline void micro(const Args& a, int64_t row0, int64_t g) {
   constexpr int NB = 2 * NS;
   __m512 acc[MR][NB];
@@ -88,7 +88,7 @@ inline void micro(const Args& a, int64_t row0, int64_t g) {
     __m512bh wv[NB];
     for (int s = 0; s < NS; ++s) {
       const uint16_t* wp = ws[s] + p * kPairElems;
-      if (p + 16 < a.pairs)   // the stream ahead (the hardware prefetcher alone lags at 1 row)
+      if (PREFETCH && p + 16 < a.pairs)   // the stream ahead (the hardware prefetcher alone lags at 1 row)
         _mm_prefetch(reinterpret_cast<const char*>(wp + 16 * kPairElems), _MM_HINT_T0);
       wv[2 * s] = (__m512bh)_mm512_loadu_si512(wp);
       wv[2 * s + 1] = (__m512bh)_mm512_loadu_si512(wp + 32);
@@ -116,15 +116,16 @@ inline void micro(const Args& a, int64_t row0, int64_t g) {
   }
 }
 
-template <int NS>
+// PREFETCH: the weights come from memory (a group's first chunk), not from L2
+template <int NS, bool PREFETCH>
 inline void rows(const Args& a, int64_t row0, int64_t count, int64_t g) {
   switch (count) {   // 1..6
-    case 1: micro<1, NS>(a, row0, g); break;
-    case 2: micro<2, NS>(a, row0, g); break;
-    case 3: micro<3, NS>(a, row0, g); break;
-    case 4: micro<4, NS>(a, row0, g); break;
-    case 5: micro<5, NS>(a, row0, g); break;
-    default: micro<6, NS>(a, row0, g); break;
+    case 1: micro<1, NS, PREFETCH>(a, row0, g); break;
+    case 2: micro<2, NS, PREFETCH>(a, row0, g); break;
+    case 3: micro<3, NS, PREFETCH>(a, row0, g); break;
+    case 4: micro<4, NS, PREFETCH>(a, row0, g); break;
+    case 5: micro<5, NS, PREFETCH>(a, row0, g); break;
+    default: micro<6, NS, PREFETCH>(a, row0, g); break;
   }
 }
 
@@ -139,7 +140,7 @@ void run(const Args& a, int64_t M, int64_t groups) {
     const int64_t m1 = std::min(M, m0 + tile), chunks = (m1 - m0 + 5) / 6;
     if (chunks == 1) {
       torch::stable::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) rows<1>(a, m0, m1 - m0, g);
+        for (int64_t g = begin; g < end; ++g) rows<1, true>(a, m0, m1 - m0, g);
       });
       continue;
     }
@@ -148,8 +149,9 @@ void run(const Args& a, int64_t M, int64_t groups) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t g = 2 * (u / chunks), r = m0 + (u % chunks) * 6;
         const int64_t count = std::min<int64_t>(6, m1 - r);
-        if (g + 1 < groups) rows<2>(a, r, count, g);
-        else rows<1>(a, r, count, g);
+        const bool first = u == begin || u % chunks == 0;
+        if (g + 1 < groups) first ? rows<2, true>(a, r, count, g) : rows<2, false>(a, r, count, g);
+        else first ? rows<1, true>(a, r, count, g) : rows<1, false>(a, r, count, g);
       }
     });
   }
