@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -30,10 +31,6 @@ from conveyor.sampling_params import SamplingParams
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
 LAYERS = 30
 _NO_BIAS = torch.empty(0)
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def gemms(rows: list[int], reps: int) -> list[dict]:
@@ -63,7 +60,8 @@ def gemms(rows: list[int], reps: int) -> list[dict]:
                 times[(kind, m)].append(run(kind, m))
     out = []
     for m in rows:
-        a, b = _median(times[("conveyor", m)]), _median(times[("oneDNN", m)])
+        a = statistics.median(times[("conveyor", m)])
+        b = statistics.median(times[("oneDNN", m)])
         out.append({"part": "layer GEMMs", "rows": m, "conveyor_ms": round(a * 1e3, 2),
                     "onednn_ms": round(b * 1e3, 2), "ratio": round(a / b, 3)})
         print(json.dumps(out[-1]), flush=True)
@@ -82,7 +80,8 @@ def _engine(disable: bool, **kw) -> LLMEngine:
 def steps(batches: list[int]) -> list[dict]:
     out = []
     for b in batches:
-        engines = {"conveyor": _engine(False, max_num_seqs=b), "oneDNN": _engine(True, max_num_seqs=b)}
+        engines = {"conveyor": _engine(False, max_num_seqs=b),
+                   "oneDNN": _engine(True, max_num_seqs=b)}
         kinds = {name: sorted({m.kernel for m in e.runner.model.modules() if hasattr(m, "kernel")})
                  for name, e in engines.items()}
         times: dict[str, list[float]] = {name: [] for name in engines}
@@ -100,7 +99,7 @@ def steps(batches: list[int]) -> list[dict]:
                             times[name].append(time.perf_counter() - t0)
         for e in engines.values():
             e.check_invariants()
-        a, c = _median(times["conveyor"]), _median(times["oneDNN"])
+        a, c = statistics.median(times["conveyor"]), statistics.median(times["oneDNN"])
         out.append({"part": "decode step", "batch": b, "conveyor_ms": round(a * 1e3, 2),
                     "onednn_ms": round(c * 1e3, 2), "ratio": round(a / c, 3), "kernels": kinds})
         print(json.dumps(out[-1]), flush=True)
@@ -119,7 +118,7 @@ def steps(batches: list[int]) -> list[dict]:
             while e.has_unfinished_requests():
                 e.step()
             times[name].append(time.perf_counter() - t0)
-    a, c = _median(times["conveyor"]), _median(times["oneDNN"])
+    a, c = statistics.median(times["conveyor"]), statistics.median(times["oneDNN"])
     out.append({"part": "prefill", "tokens": 2000, "conveyor_ms": round(a * 1e3, 1),
                 "onednn_ms": round(c * 1e3, 1), "ratio": round(a / c, 3)})
     print(json.dumps(out[-1]), flush=True)

@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -244,10 +245,9 @@ def _spread(ratios: list[float]) -> dict | None:
     """Mean, 95% half-width (Student's t over the rounds), min and max of per-round ratios."""
     if len(ratios) < 2:
         return None
-    n = len(ratios)
-    mean = sum(ratios) / n
-    sd = (sum((x - mean) ** 2 for x in ratios) / (n - 1)) ** 0.5
-    return {"mean": round(mean, 3), "ci95": round(_T95.get(n - 1, 1.96) * sd / n ** 0.5, 3),
+    n, sd = len(ratios), statistics.stdev(ratios)
+    return {"mean": round(statistics.mean(ratios), 3),
+            "ci95": round(_T95.get(n - 1, 1.96) * sd / n ** 0.5, 3),
             "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
