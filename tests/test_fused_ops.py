@@ -1,5 +1,5 @@
 """The CPU fast paths against their plain-PyTorch references: the fused C++ element-wise ops
-(RMSNorm, residual add + RMSNorm, RoPE, KV write), conveyor's bf16 GEMM and oneDNN-prepacked
+(RMSNorm, residual add + RMSNorm, RoPE, KV write, SwiGLU, row argmax), conveyor's bf16 GEMM and oneDNN-prepacked
 linears, and a whole model
 with both switched on vs off on ragged batches (chunked prefills, decodes, block tables with
 holes, lengths that are not multiples of the block size), in fp32 and bf16; bf16 linears are
@@ -124,6 +124,45 @@ def test_silu_and_mul_matches_reference(dtype):
     close(out, torch.nn.functional.silu(gate) * up, dtype)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [3, 7, 64, 1000, 49152])
+def test_argmax_rows_equals_torch_argmax_and_finiteness(dtype, vocab):
+    """Token per row = torch.argmax (first maximum) and finite = no NaN/inf, on strided rows:
+    random rows, ties (first one wins, across and within 64-blocks), a constant row, signed
+    zeros, and rows with NaN, +inf and -inf (where torch's own rule, NaN above all, holds)."""
+    from conveyor.runner.row_sampling import argmax_rows
+    gen = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(14, vocab + 3, generator=gen)
+    x = wide[:, 1:1 + vocab]                                     # row stride vocab + 3
+    last = vocab - 1
+    x[1, last // 2] = x[1, last] = 10.0                          # a tie: the first wins
+    x[2] = 0.5                                                   # constant: index 0
+    x[3] = -1.0
+    x[3, last] = 0.0
+    x[3, last // 3] = -0.0                                       # -0.0 == 0.0: the first
+    x[4, last] = float("nan")
+    x[5, last // 2] = float("inf")
+    x[6, 0] = float("-inf")
+    x[7] = float("-inf")
+    x[8, last] = float("inf")
+    x[8, last // 2] = float("nan")                               # NaN before or after an inf
+    x[9, 0] = float("inf")
+    x[9, last] = float("nan")
+    x[10, last // 4] = x[10, last // 4 + 1] = 20.0               # adjacent tie (one block)
+    x = x.to(dtype)
+    tokens = torch.full((14,), -1, dtype=torch.long)
+    finite = torch.zeros(14, dtype=torch.bool)
+    ops.argmax_rows(tokens, finite, x)
+    assert tokens.tolist() == x.argmax(dim=-1).tolist()
+    assert finite.tolist() == x.float().isfinite().all(dim=-1).tolist()
+    assert argmax_rows(x, fused=True) == argmax_rows(x, fused=False)   # the runner's two paths
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.argmax_rows(torch.empty(14, dtype=torch.int32), finite, x)
+    with pytest.raises(RuntimeError, match="bool"):
+        ops.argmax_rows(tokens, torch.empty(13, dtype=torch.bool), x)
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
@@ -155,12 +194,13 @@ def _bf16_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
 
 @needs_bf16_gemm
 @pytest.mark.parametrize("n, k", [(200, 96), (64, 64), (70, 130), (16, 32), (960, 576), (576, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 64, 301])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 64, 133, 301])
 @pytest.mark.parametrize("bias", [None, torch.float32, torch.bfloat16])
 def test_bf16_gemm_equals_fp32_sums_of_the_same_inputs(n, k, rows, bias):
-    """Every row count of the 6-row chunks (a partial last chunk, several row tiles at K=1536),
-    output widths that are not a multiple of the 32-column groups (and an odd number of groups), and both bias dtypes: one
-    bf16 rounding from the reference's fp32 sums."""
+    """Every row count up to 13 (one x pointer per row up to 6, the pair-interleaved copy for
+    7-12, 6-row chunks beyond), a partial last chunk, several row tiles at K=1536 (133: a last
+    tile of 7), output widths that are not a multiple of the 32-column groups (and an odd number
+    of groups), and both bias dtypes: one bf16 rounding from the reference's fp32 sums."""
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     b = None if bias is None else torch.randn(n, generator=gen).to(bias)

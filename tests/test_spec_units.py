@@ -269,5 +269,9 @@ def test_argmax_fast_path_equals_the_verifier():
     ids = ["a", "b", "c", "d"]
     md = SamplingMetadata.build([SamplingParams(temperature=0.0)] * 10, [[0]] * 10, [[]] * 10,
                                 [None] * 10, frozenset(), vocab, "cpu")
-    assert verify_argmax(logits, ids, drafts) == verify(logits, md, ids, drafts, None)
-    assert [t for rid, t, _, _ in verify_argmax(logits, ids, drafts) if rid == "b"] == best[4:7]
+    firsts = [0, 4, 7, 8]
+    assert verify_argmax(best, ids, drafts, firsts) == verify(logits, md, ids, drafts, None)
+    assert [t for rid, t, _, _ in verify_argmax(best, ids, drafts, firsts) if rid == "b"] == best[4:7]
+    # a request dropped from between (its rows failed): the others keep their own rows
+    assert verify_argmax(best, ["a", "d"], [drafts[0], drafts[3]], [0, 8]) == \
+        [r for r in verify(logits, md, ids, drafts, None) if r[0] in ("a", "d")]

@@ -22,11 +22,12 @@
 //     denormal inputs read as zero), the bias is added in fp32, and each output is rounded to
 //     bf16 once: the result equals an fp32 GEMM of the same bf16 inputs up to summation order
 //     and that one rounding (tested against torch).
-//   * Work splits over threads by group (up to 6 rows) or by (pair of groups, 6-row chunk),
+//   * Work splits over threads by group (up to 12 rows) or by (pair of groups, 6-row chunk),
 //     never two threads on one output, over row tiles whose x slice stays in a core's L2 while
-//     the groups stream by: up to 6 rows every weight is read from memory once.
+//     the groups stream by: up to 12 rows every weight is read from memory once.
 //   * Shapes, dtypes and strides are checked; rows may have any stride, features must be
-//     contiguous. Nothing is read past x's rows or the packed weight.
+//     contiguous. Nothing is loaded past x's rows or the packed weight (prefetch hints run 16
+//     pairs ahead of a stream and may name addresses past its end; a prefetch never faults).
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -35,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -82,7 +84,7 @@ inline void micro(const Args& a, int64_t row0, int64_t g) {
     for (int s = 0; s < NS; ++s) {
       const uint16_t* wp = ws[s] + p * kPairElems;
       // the stream ahead (the hardware prefetcher alone lags at 1 row)
-      if (PREFETCH && p + 16 < a.pairs)
+      if (PREFETCH)
         _mm_prefetch(reinterpret_cast<const char*>(wp + 16 * kPairElems), _MM_HINT_T0);
       wv[2 * s] = (__m512bh)_mm512_loadu_si512(wp);
       wv[2 * s + 1] = (__m512bh)_mm512_loadu_si512(wp + 32);
@@ -109,6 +111,53 @@ inline void micro(const Args& a, int64_t row0, int64_t g) {
   }
 }
 
+// MR rows of x interleaved by feature pair (xp[p * MR + m]) x one group: one pointer for
+// every row's broadcast, so 7-12 rows keep their addresses out of general registers.
+template <int MR>
+inline void micro_xp(const Args& a, const int32_t* xp, int64_t row0, int64_t g) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const uint16_t* w = a.w + g * a.pairs * kPairElems;
+  for (int64_t p = 0; p < a.pairs; ++p) {
+    const uint16_t* wp = w + p * kPairElems;
+    _mm_prefetch(reinterpret_cast<const char*>(wp + 16 * kPairElems), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+    const int32_t* xq = xp + p * MR;
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xq[m]);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+    }
+  }
+  for (int b = 0; b < 2; ++b) {
+    const int64_t c = g * kGroup + b * 16;
+    if (c >= a.n) break;
+    const int valid = int(std::min<int64_t>(16, a.n - c));
+    const __mmask16 mask = valid == 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    const __m512 bias =
+        a.bias_f ? _mm512_maskz_loadu_ps(mask, a.bias_f + c)
+        : a.bias_h ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.bias_h + c)), 16))
+        : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][b], bias));
+      _mm256_mask_storeu_epi16(a.y + (row0 + m) * a.ldy + c, mask, (__m256i)h);
+    }
+  }
+}
+
+void rows_xp(const Args& a, const int32_t* xp, int64_t row0, int64_t count, int64_t g) {
+  switch (count) {   // 7..12
+    case 7: micro_xp<7>(a, xp, row0, g); break;
+    case 8: micro_xp<8>(a, xp, row0, g); break;
+    case 9: micro_xp<9>(a, xp, row0, g); break;
+    case 10: micro_xp<10>(a, xp, row0, g); break;
+    case 11: micro_xp<11>(a, xp, row0, g); break;
+    default: micro_xp<12>(a, xp, row0, g); break;
+  }
+}
+
 // PREFETCH: the weights come from memory (a group's first chunk), not from L2
 template <int NS, bool PREFETCH>
 inline void rows(const Args& a, int64_t row0, int64_t count, int64_t g) {
@@ -122,15 +171,29 @@ inline void rows(const Args& a, int64_t row0, int64_t count, int64_t g) {
   }
 }
 
-// Row tiles whose x slice stays in a core's L2 (<= 384 KB). A tile of up to 6 rows splits by
-// group (32 columns: fine enough to balance the threads; every weight read once); a larger one
-// by (pair of groups, 6-row chunk), pair-major, so a pair streams from memory once per tile and
-// its later chunks find it in L2.
+// Row tiles whose x slice stays in a core's L2 (<= 384 KB). A tile of up to 12 rows splits by
+// group (32 columns: fine enough to balance the threads; every weight read once): up to 6 rows
+// with one x pointer per row, 7-12 from a copy of x interleaved by feature pair (too many rows
+// for a pointer each in general registers). A larger tile splits by (pair of groups, 6-row
+// chunk), pair-major, so a pair streams from memory once per tile and its later chunks find it
+// in L2.
 void run(const Args& a, int64_t M, int64_t groups) {
   const int64_t k = 2 * a.pairs;
   const int64_t tile = std::max<int64_t>(6, (384 * 1024 / (2 * k)) / 6 * 6);
   for (int64_t m0 = 0; m0 < M; m0 += tile) {
     const int64_t m1 = std::min(M, m0 + tile), chunks = (m1 - m0 + 5) / 6;
+    if (chunks == 2) {   // 7-12 rows: one pass over the weights, x interleaved by pair
+      const int64_t mr = m1 - m0;
+      std::vector<int32_t> xp(a.pairs * mr);
+      for (int64_t m = 0; m < mr; ++m) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(a.x + (m0 + m) * a.ldx);
+        for (int64_t p = 0; p < a.pairs; ++p) xp[p * mr + m] = xr[p];
+      }
+      torch::stable::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) rows_xp(a, xp.data(), m0, mr, g);
+      });
+      continue;
+    }
     if (chunks == 1) {
       torch::stable::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) rows<1, true>(a, m0, m1 - m0, g);

@@ -17,6 +17,10 @@
 //                                                   + offsets[r] * colsum[c]; y fp32 (the GEMM's
 //                                                   exact-ish sums, rounded once, here), out fp32
 //                                                   or bf16, may be y itself
+//   argmax_rows(tokens, finite, x)                  per row of logits x [R, V]: tokens[r] =
+//                                                   torch.argmax (the first maximum; a NaN counts
+//                                                   above everything), finite[r] = no NaN or inf;
+//                                                   tokens int64 [R], finite bool [R]
 //
 // Invariants:
 //   * Rounding matches the PyTorch reference modules step for step: a bf16 result is rounded
@@ -299,7 +303,70 @@ void dequantize_rows_impl(Tensor& out, const Tensor& y, const Tensor& scales, co
   });
 }
 
+// ---------------------------------------------------------------- argmax of logits rows
+// A finite row takes two vector passes: its maximum (and whether every value is finite: v - v is
+// 0 for a finite v and NaN otherwise, and a NaN sum stays NaN), then the first block of 64 that
+// holds that maximum. A row with a NaN or inf is rare (it fails its request) and is scanned as
+// torch does, so its token matches torch's too.
+template <typename T>
+int64_t argmax_exact(const T* row, int64_t v) {
+  int64_t best = 0;
+  float m = ld(row, 0);
+  for (int64_t i = 0; i < v; ++i) {
+    const float e = ld(row, i);
+    if (std::isnan(e)) return i;
+    if (e > m) { m = e; best = i; }
+  }
+  return best;
+}
+
+template <typename T>
+void argmax_rows_impl(Tensor& tokens, Tensor& finite, const Tensor& x) {
+  const int64_t rows = x.size(0), v = x.size(1), xst = x.stride(0);
+  const T* xs = static_cast<const T*>(x.const_data_ptr());
+  int64_t* tok = static_cast<int64_t*>(tokens.mutable_data_ptr());
+  bool* fin = static_cast<bool*>(finite.mutable_data_ptr());
+  constexpr int64_t kBlock = 64;
+  for_rows(rows, v, [&](int64_t r) {
+    const T* row = xs + r * xst;
+    float m = -INFINITY, bad = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t i = 0; i < v; ++i) {
+      const float e = ld(row, i);
+      m = e > m ? e : m;
+      bad += e - e;
+    }
+    fin[r] = bad == 0.0f;
+    if (!fin[r]) { tok[r] = argmax_exact(row, v); return; }
+    int64_t at = 0;
+    for (int64_t b = 0; b < v; b += kBlock) {
+      const int64_t e = std::min(v, b + kBlock);
+      int hit = 0;
+#pragma omp simd reduction(| : hit)
+      for (int64_t i = b; i < e; ++i) hit |= ld(row, i) == m;
+      if (hit) {
+        for (at = b; ld(row, at) != m; ++at) {}
+        break;
+      }
+    }
+    tok[r] = at;
+  });
+}
+
 }  // namespace
+
+void argmax_rows(Tensor tokens, Tensor finite, Tensor x) {
+  check_float(x, "x");
+  STD_TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_rows: x [R, V] with V > 0");
+  STD_TORCH_CHECK(tokens.scalar_type() == ScalarType::Long && tokens.dim() == 1 &&
+                  tokens.size(0) == x.size(0) && tokens.stride(0) == 1,
+                  "argmax_rows: tokens must be int64 [R], contiguous");
+  STD_TORCH_CHECK(finite.scalar_type() == ScalarType::Bool && finite.dim() == 1 &&
+                  finite.size(0) == x.size(0) && finite.stride(0) == 1,
+                  "argmax_rows: finite must be bool [R], contiguous");
+  is_bf16(x) ? argmax_rows_impl<uint16_t>(tokens, finite, x)
+             : argmax_rows_impl<float>(tokens, finite, x);
+}
 
 void silu_and_mul(Tensor out, Tensor x) {
   check_float(out, "out");
@@ -353,6 +420,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
   m.def("quantize_rows_int8(Tensor(a!) q, Tensor(b!) scales, Tensor(c!) offsets, Tensor x) -> ()");
   m.def("dequantize_rows(Tensor(a!) out, Tensor y, Tensor scales, Tensor offsets, "
         "Tensor colsum) -> ()");
+  m.def("argmax_rows(Tensor(a!) tokens, Tensor(b!) finite, Tensor x) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
@@ -363,4 +431,5 @@ STABLE_TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
   m.impl("silu_and_mul", TORCH_BOX(&conveyor_cpu::silu_and_mul));
   m.impl("quantize_rows_int8", TORCH_BOX(&conveyor_cpu::quantize_rows_int8));
   m.impl("dequantize_rows", TORCH_BOX(&conveyor_cpu::dequantize_rows));
+  m.impl("argmax_rows", TORCH_BOX(&conveyor_cpu::argmax_rows));
 }

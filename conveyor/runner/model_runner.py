@@ -62,6 +62,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = device
         self.vocab_size = model.config.vocab_size
+        # the C++ row reductions (argmax, finiteness) where the model runs the C++ ops
+        self.fused_rows = model.fused_ops and torch.device(device).type == "cpu"
         self.scratch_block = kv_caches[0].shape[1] - 1
         self.states: dict[str, CachedRequestState] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -142,8 +144,10 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str],
                 grammar: GrammarBitmask | None, failed: dict[str, str]) -> ModelRunnerOutput:
+        greedy = all(_plain_greedy(self.states[rid]) for rid in request_ids)
         out = sample_isolated(logits, request_ids,
-                              lambda rows, ids: self._sample_batch(rows, ids, grammar), failed)
+                              lambda rows, ids: self._sample_batch(rows, ids, grammar), failed,
+                              greedy=greedy, fused=self.fused_rows)
         for rid, token in zip(out.request_ids, out.sampled_token_ids):
             self.states[rid].token_ids.append(token)
         return out
@@ -152,9 +156,6 @@ class ModelRunner:
                       grammar: GrammarBitmask | None):
         """(tokens, logprobs, top logprobs) of rows ``logits`` ``[n, vocab]``; no state changes."""
         states = [self.states[rid] for rid in request_ids]
-        if all(_plain_greedy(st) for st in states):
-            # what the Sampler would do for these rows, without building its metadata
-            return logits.argmax(dim=-1).tolist(), None, None
         md = SamplingMetadata.build(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], [self.generators.get(rid) for rid in request_ids],

@@ -21,7 +21,7 @@ import torch
 
 from conveyor.core.outputs import ModelRunnerOutput, SchedulerOutput
 from conveyor.runner.input_batch import CachedRequestState
-from conveyor.runner.row_sampling import NON_FINITE_LOGITS, finite_rows, merge_rows
+from conveyor.runner.row_sampling import NON_FINITE_LOGITS, argmax_rows, finite_rows, merge_rows
 from conveyor.sampling import SamplingMetadata
 from conveyor.sampling.metadata import is_plain_greedy
 from conveyor.sampling.constraints import GrammarMask
@@ -41,7 +41,12 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
     """Rows for every sampling request of a step with drafts (``logits``: all their rows)."""
     drafts = [sched.scheduled_spec_tokens.get(rid, []) for rid in request_ids]
     q_rows = draft_q_rows(runner.draft_probs, request_ids, drafts, sched.grammar)
-    ok, first = finite_rows(logits), 0
+    greedy = _all_plain_greedy(runner, request_ids, drafts)
+    if greedy:   # the targets are the argmax, taken in the finiteness pass
+        targets, ok = argmax_rows(logits, runner.fused_rows)
+    else:
+        targets, ok = None, finite_rows(logits, runner.fused_rows)
+    first = 0
     keep = []
     for i, (rid, d) in enumerate(zip(request_ids, drafts)):
         if not all(ok[first:first + len(d) + 1]):
@@ -49,9 +54,13 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
         if rid not in failed:
             keep.append((i, list(range(first, first + len(d) + 1))))
         first += len(d) + 1
-    rows = _verify_or_split(runner, logits, [request_ids[i] for i, _ in keep],
-                            [drafts[i] for i, _ in keep], [q_rows[i] for i, _ in keep],
-                            [r for _, rs in keep for r in rs], sched, failed)
+    if greedy:
+        rows = verify_argmax(targets, [request_ids[i] for i, _ in keep],
+                             [drafts[i] for i, _ in keep], [rs[0] for _, rs in keep])
+    else:
+        rows = _verify_or_split(runner, logits, [request_ids[i] for i, _ in keep],
+                                [drafts[i] for i, _ in keep], [q_rows[i] for i, _ in keep],
+                                [r for _, rs in keep for r in rs], sched, failed)
     _commit(runner.states, request_ids, drafts, rows)
     return merge_rows(rows, failed)
 
@@ -87,8 +96,6 @@ def _verify_or_split(runner, logits, request_ids, drafts, q_rows, row_idx, sched
         contiguous = row_idx == list(range(row_idx[0], row_idx[0] + len(row_idx)))
         sub = logits[row_idx[0]:row_idx[0] + len(row_idx)] if contiguous else \
             logits[torch.tensor(row_idx, device=logits.device)]  # [R', vocab]
-        if _all_plain_greedy(runner, request_ids, drafts):
-            return verify_argmax(sub, request_ids, drafts)
         md = _row_metadata(runner, request_ids, drafts, sched, logits.device)
         return verify(sub, md, request_ids, drafts, runner.sampler.default_generator, q_rows)
     except Exception as exc:  # noqa: BLE001 - find the request(s) it belongs to; they alone fail

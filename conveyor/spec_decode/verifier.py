@@ -130,16 +130,14 @@ def verify(logits: torch.Tensor, md: SamplingMetadata, request_ids: list[str],
     return _rows(logits, md, tokens, request_ids, spans, outputs)
 
 
-def verify_argmax(logits: torch.Tensor, request_ids: list[str],
-                  drafts: list[list[int]]) -> list[Row]:
+def verify_argmax(targets: list[int], request_ids: list[str], drafts: list[list[int]],
+                  firsts: list[int]) -> list[Row]:
     """``verify`` for rows that all sample the raw argmax (plain greedy: ``is_plain_greedy``),
-    without sampling metadata: what ``verify`` computes for them (no logprobs)."""
-    tokens = logits.argmax(dim=-1).tolist()  # [R]
+    without sampling metadata: what ``verify`` computes for them (no logprobs). ``targets``: the
+    argmax of every logits row; request i's rows start at ``firsts[i]``."""
     rows: list[Row] = []
-    first = 0
-    for rid, d in zip(request_ids, drafts):
-        rows += [(rid, t, None, None) for t in _accepted_then_target(tokens, first, d)]
-        first += len(d) + 1
+    for rid, d, first in zip(request_ids, drafts, firsts):
+        rows += [(rid, t, None, None) for t in _accepted_then_target(targets, first, d)]
     return rows
 
 
