@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from conveyor.config_flags import check_fields, field_values, opt, parse_bytes
+from conveyor.config_flags import check_fields, config_from_json, field_values, opt, parse_bytes
 from conveyor.kv_events.config import KVEventsConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -229,20 +229,7 @@ class SpeculativeConfig:
     @classmethod
     def from_json(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
         """From the JSON text or dict of ``--speculative-config`` (None stays None)."""
-        if value is None or isinstance(value, SpeculativeConfig):
-            return value
-        if isinstance(value, str):
-            import json
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                _fail(f"speculative config is not JSON: {exc}", "speculative_config")
-        _require(isinstance(value, dict), "speculative config must be a JSON object",
-                 "speculative_config")
-        unknown = set(value) - set(cls.__dataclass_fields__)
-        _require(not unknown, f"unknown speculative config key(s): {sorted(unknown)}",
-                 "speculative_config")
-        return cls(**value)
+        return config_from_json(cls, value, "speculative_config")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import types
 import typing
 from typing import Any, Callable, Literal
+
+from conveyor.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -233,3 +236,24 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 4GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def config_from_json(cls: type, value: Any, field: str) -> Any:
+    """A config dataclass from a JSON-valued option (``--speculative-config``,
+    ``--kv-events-config``): JSON text or a dict of its field names; None and an instance pass
+    through. Raises ``ConfigError`` naming ``field`` for text that is not a JSON object or for a
+    key the class has no field for (the dataclass checks the values)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{field} is not JSON: {exc}", field) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field}: it must be a JSON object", field)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"{field}: unknown key(s) {unknown}; known: {known}", field)
+    return cls(**value)

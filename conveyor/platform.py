@@ -19,7 +19,10 @@ Decision table (features are any-of alternatives over /proc/cpuinfo flags):
 
 ``bf16_gemm`` names who multiplies bf16 linears: "conveyor" (``csrc/bf16_gemm.cpp``, faster at
 decode sizes), "onednn" (prepacked) where oneDNN can prepack bf16, else "plain" (``nn.Linear``).
-AMX CPUs keep oneDNN, whose AMX tiles this kernel does not use.
+AMX CPUs keep oneDNN, whose AMX tiles this kernel does not use. ``bf16_gemm_path()`` is that
+decision in this process: a kernel build below avx512_bf16 (``CONVEYOR_CPU_KERNEL_ARCH``) or
+``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN; ``describe()`` and ``models/packed.py`` both
+ask it.
 
 So Zen 3 / Zen 1 (AVX2 + FMA): fp32 by default, bf16 runs on plain linears (slow), int8 refused;
 Skylake-X (AVX-512, no VNNI/bf16): bf16 prepacked but emulated, int8 refused; Alder Lake (AVX2 +
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
 KERNEL_ARCH_ENV = "CONVEYOR_CPU_KERNEL_ARCH"
+BF16_GEMM_OFF_ENV = "CONVEYOR_DISABLE_BF16_GEMM"
 
 # Named features: any one alternative (all of its flags) suffices.
 _AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
@@ -179,10 +183,12 @@ class CpuInfo:
                 "amx_int8", "fma")
         return " ".join(f for f in keep if f in self.flags)
 
-    def decisions(self) -> str:
-        """The paths this CPU takes, for ``describe()``."""
+    def decisions(self, bf16_gemm: str | None = None) -> str:
+        """The paths this CPU takes, for ``describe()`` (``bf16_gemm``: this process's, as
+        ``bf16_gemm_path`` says; default the CPU's)."""
         bf16 = ("native" if self.has_native_bf16 else "emulated") + {
-            "conveyor": "+conveyor_gemm", "onednn": "+prepacked", "plain": "+plain"}[self.bf16_gemm]
+            "conveyor": "+conveyor_gemm", "onednn": "+prepacked", "plain": "+plain"}[
+                bf16_gemm or self.bf16_gemm]
         return (f"auto_dtype={'bfloat16' if self.has_native_bf16 else 'float32'} bf16={bf16} "
                 f"int8={'ok' if self.has_vnni else 'refused'} kernel={self.kernel_arch.value}")
 
@@ -230,6 +236,27 @@ def resolve_kernel_arch(value: str | None, cpu: CpuInfo | None = None) -> Kernel
         raise ConfigError(f"{KERNEL_ARCH_ENV}={arch.value} {lacking[0]}; use "
                           f"{cpu.kernel_arch.value} or unset it", KERNEL_ARCH_ENV)
     return arch
+
+
+def bf16_gemm_path(cpu: CpuInfo | None = None) -> str:
+    """Who multiplies bf16 linears in this process: ``CpuInfo.bf16_gemm``, kept at oneDNN (or
+    plain) by ``CONVEYOR_DISABLE_BF16_GEMM=1`` or a kernel build without the GEMM: a named
+    ``CONVEYOR_CPU_KERNEL_ARCH`` below avx512_bf16, or compiler flags with neither
+    ``-mavx512bf16`` nor ``-march=native``. (``models/packed.py`` also asks the built extension
+    whether it has the GEMM, the last word for other ``-march`` values.)"""
+    cpu = cpu or cpu_info()
+    if cpu.bf16_gemm != "conveyor":
+        return cpu.bf16_gemm
+    fallback = "onednn" if cpu.can_prepack_bf16 else "plain"
+    if os.environ.get(BF16_GEMM_OFF_ENV) == "1":
+        return fallback
+    arch = os.environ.get(KERNEL_ARCH_ENV, "").strip()
+    if arch.startswith("-"):
+        flags = arch.split()
+        return "conveyor" if "-mavx512bf16" in flags or "-march=native" in flags else fallback
+    if arch and arch.lower() != KernelArch.AVX512_BF16.value:
+        return fallback   # a lower named arch (an unknown name is refused at build)
+    return "conveyor"
 
 
 def require(feature: str, option: str, cpu: CpuInfo | None = None) -> None:
@@ -306,7 +333,8 @@ def describe(device: torch.device | None = None) -> str:
     if info.isa_cap is not None:
         parts.append(f"isa_cap={info.isa_cap}")
     kernel_env = os.environ.get(KERNEL_ARCH_ENV)
-    parts += [f"decisions=[{info.decisions()}" + (f" kernel_env={kernel_env!r}]" if kernel_env
+    parts += [f"decisions=[{info.decisions(bf16_gemm_path(info))}" + (
+                  f" kernel_env={kernel_env!r}]" if kernel_env
                                                   else "]"),
               f"aten={_aten_capability(info)}",
               f"torch={torch.__version__}", f"threads={torch.get_num_threads()}"]

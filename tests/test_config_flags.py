@@ -190,3 +190,24 @@ def test_a_kv_cache_larger_than_the_machine_is_refused_before_allocating():
     assert _check_fits(4, 1 << 20, cpu, "--num-blocks") == 4
     with pytest.raises(ConfigError, match="--kv-cache-bytes: .* KV blocks need"):
         _check_fits(have // 4096 + 1, 4096, cpu, "--kv-cache-bytes")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{bad", "speculative_config is not JSON"),
+    ('["ngram"]', "speculative_config: it must be a JSON object"),
+    ('{"method": "ngram", "num_spec_tokens": 4}', "unknown key(s) ['num_spec_tokens']; known: ["),
+])
+def test_json_options_share_one_parser_and_name_their_field(text, message):
+    """--speculative-config and --kv-events-config go through config_from_json: a one-line
+    ConfigError naming the option's field; a valid object builds the config, None stays None."""
+    from conveyor.config import SpeculativeConfig
+    from conveyor.kv_events.config import KVEventsConfig
+    with pytest.raises(ConfigError) as err:
+        SpeculativeConfig.from_json(text)
+    assert message in str(err.value) and err.value.param == "speculative_config"
+    with pytest.raises(ConfigError) as err:
+        KVEventsConfig.from_json(text.replace("method", "publisher"))
+    assert err.value.param == "kv_events_config"
+    spec = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 3}')
+    assert spec.method == "ngram" and spec.num_speculative_tokens == 3
+    assert SpeculativeConfig.from_json(spec) is spec and SpeculativeConfig.from_json(None) is None

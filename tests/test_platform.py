@@ -221,6 +221,33 @@ def test_describe_states_the_decisions_and_the_cap(monkeypatch):
     assert " aten=AVX512 " in line
 
 
+@pytest.mark.parametrize("env, want", [
+    ({}, "conveyor"),
+    ({platform.BF16_GEMM_OFF_ENV: "1"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "avx512_bf16"}, "conveyor"),
+    ({platform.KERNEL_ARCH_ENV: "avx512"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "avx2"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "-mavx2 -mfma"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "-march=native"}, "conveyor"),
+    ({platform.KERNEL_ARCH_ENV: "-mavx512f -mavx512bw -mavx512bf16"}, "conveyor"),
+])
+def test_bf16_gemm_path_follows_the_kernel_build_and_the_off_switch(monkeypatch, env, want):
+    """What this process multiplies bf16 linears with, as describe() states it and
+    models/packed.py takes it: the CPU's choice unless the kernel build lacks the GEMM."""
+    for name in (platform.BF16_GEMM_OFF_ENV, platform.KERNEL_ARCH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    zen4 = CpuInfo.of(CPUS["zen4"])
+    assert platform.bf16_gemm_path(zen4) == want
+    monkeypatch.setattr(platform, "cpu_info", lambda: zen4)
+    label = {"conveyor": "+conveyor_gemm", "onednn": "+prepacked"}[want]
+    assert f"bf16=native{label} " in platform.describe(CPU)
+    # CPUs whose choice is not conveyor's GEMM keep it whatever the build
+    assert platform.bf16_gemm_path(CpuInfo.of(CPUS["sapphire_rapids"])) == "onednn"
+    assert platform.bf16_gemm_path(CpuInfo.of(CPUS["zen3"])) == "plain"
+
+
 def test_bf16_prepack_decision_agrees_with_onednn():
     """This machine, under whatever ONEDNN_MAX_CPU_ISA the run has: platform and oneDNN agree."""
     cpu, onednn = platform.cpu_info(), torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -10,10 +10,10 @@ that switch). Invalid values raise ``ConfigError`` naming ``kv_events_config``.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from conveyor.config_flags import config_from_json
 from conveyor.errors import ConfigError
 
 PUBLISHERS = ("null", "zmq")
@@ -75,18 +75,7 @@ class KVEventsConfig:
     @classmethod
     def from_json(cls, value: "str | dict | KVEventsConfig | None") -> "KVEventsConfig | None":
         """From ``--kv-events-config`` JSON text or a dict (None stays None)."""
-        if value is None or isinstance(value, KVEventsConfig):
-            return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{_FIELD} is not JSON: {exc}", _FIELD) from None
-        _require(isinstance(value, dict), "it must be a JSON object")
-        unknown = set(value) - {f.name for f in fields(cls)}
-        _require(not unknown, f"unknown key(s) {sorted(unknown)}; known: "
-                              f"{[f.name for f in fields(cls)]}")
-        return cls(**value)
+        return config_from_json(cls, value, _FIELD)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -7,10 +7,11 @@ as much as the multiply itself (profiled: the 30 layers' GEMMs of SmolLM2 take 1
 and 63 ms at batch 64 with plain weights, 11 ms and 45 ms prepacked, bf16, Zen 4). vLLM's CPU
 backend and torch.compile's freezing pass do the same prepacking.
 
-bf16 linears go to conveyor's own GEMM (``csrc/bf16_gemm.cpp``) where ``platform`` says
-``bf16_gemm == "conveyor"`` and the built extension has it: at decode sizes it streams the
-weights faster than oneDNN and keeps 6 rows for about the price of one (BENCHMARKS.md, "A bf16
-GEMM for small batches"). ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN.
+bf16 linears go to conveyor's own GEMM (``csrc/bf16_gemm.cpp``) where
+``platform.bf16_gemm_path()`` says "conveyor" and the built extension has it: at decode sizes it
+streams the weights faster than oneDNN and keeps 6 rows for about the price of one, 12 for a
+little more (BENCHMARKS.md, "A bf16 GEMM for small batches"). ``CONVEYOR_DISABLE_BF16_GEMM=1``
+keeps oneDNN.
 
 Invariants:
 - Packing changes the layout, not the maths: outputs equal ``F.linear``'s up to summation order
@@ -55,8 +56,7 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def conveyor_gemm_takes(weight: torch.Tensor) -> bool:
     """Whether this bf16 weight goes to conveyor's GEMM rather than oneDNN (see above)."""
     if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2
-            or os.environ.get("CONVEYOR_DISABLE_BF16_GEMM") == "1"
-            or platform.cpu_info().bf16_gemm != "conveyor"):
+            or platform.bf16_gemm_path() != "conveyor"):
         return False
     return _extension_has_bf16_gemm()
 
