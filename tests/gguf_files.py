@@ -54,11 +54,12 @@ def _copy_tokenizer(writer, tokenizer_gguf: str, token_texts: dict[int, str] | N
 
 def write_llama_gguf(path: str, hf_model, tokenizer_gguf: str, rope_freqs: np.ndarray | None,
                      end_ids: dict[str, int] | None = None, token_texts: dict[int, str] | None = None,
-                     drop_keys: tuple[str, ...] = ()) -> None:
+                     drop_keys: tuple[str, ...] = (), arch_keys: dict | None = None) -> None:
     """``hf_model`` (a transformers LlamaForCausalLM) as an fp32 GGUF of architecture "llama".
 
     end_ids: extra ``tokenizer.ggml.<name>`` id keys, e.g. ``{"eot_token_id": 5}``; token_texts,
-    drop_keys: as ``_copy_tokenizer`` takes them."""
+    drop_keys: as ``_copy_tokenizer`` takes them; arch_keys: extra ``llama.<name>`` keys (str,
+    int as uint32, float as float32), e.g. ``{"rope.scaling.type": "yarn"}``."""
     import gguf
     c = hf_model.config
     w = gguf.GGUFWriter(path, "llama")
@@ -70,6 +71,10 @@ def write_llama_gguf(path: str, hf_model, tokenizer_gguf: str, rope_freqs: np.nd
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    for name, value in (arch_keys or {}).items():
+        add = w.add_string if isinstance(value, str) else \
+            w.add_uint32 if isinstance(value, int) else w.add_float32
+        add(f"llama.{name}", value)
     _copy_tokenizer(w, tokenizer_gguf, token_texts, drop_keys)
     for name, token_id in (end_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{name}", token_id)

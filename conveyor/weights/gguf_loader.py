@@ -10,12 +10,13 @@ through that family's ``GGUF_LAYER_NAMES`` and ``gguf_to_hf`` (``models/registry
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 import torch
 
-from conveyor.errors import ModelLoadError
+from conveyor.errors import ModelLoadError, UnsupportedModelError
 from conveyor.models import registry
 from conveyor.models.config import ArchConfig
 
@@ -62,6 +63,28 @@ def _rope_freq_factors(r) -> tuple[float, ...]:
     return () if tensor is None else tuple(float(x) for x in _dequantize(tensor).reshape(-1))
 
 
+def _yarn_params(a, factor: float) -> dict:
+    """HF's yarn ``rope_scaling`` keys from llama.cpp's: ``original_context_length``, the betas,
+    and ``yarn_attn_factor``, which llama.cpp multiplies into ``0.1 ln(factor) + 1`` (HF's
+    default attention factor). An ``ext_factor`` other than llama.cpp's default (-1 or 1: the
+    full ramp) or a ``yarn_log_multiplier`` has no HF counterpart and is refused."""
+    ext, log_mul = a("rope.scaling.yarn_ext_factor"), a("rope.scaling.yarn_log_multiplier")
+    if ext not in (None, -1.0, 1.0) or log_mul not in (None, 0.0):
+        raise UnsupportedModelError(
+            f"yarn rope scaling with yarn_ext_factor={ext} / yarn_log_multiplier={log_mul} is "
+            "not supported (llama.cpp's defaults only: -1 or 1, and 0)")
+    out = {}
+    if a("rope.scaling.original_context_length") is not None:
+        out["original_max_position_embeddings"] = int(a("rope.scaling.original_context_length"))
+    for key in ("beta_fast", "beta_slow"):
+        if a(f"rope.scaling.yarn_{key}") is not None:
+            out[key] = float(a(f"rope.scaling.yarn_{key}"))
+    attn = a("rope.scaling.yarn_attn_factor")
+    if attn is not None and attn != 1.0:
+        out["attention_factor"] = float(attn) * (1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0)
+    return out
+
+
 def read_gguf_config(path: str, reader=None) -> ArchConfig:
     """Architecture hyper-parameters from GGUF metadata (and the ``rope_freqs`` tensor)."""
     r = reader or _reader(path)
@@ -76,6 +99,8 @@ def read_gguf_config(path: str, reader=None) -> ArchConfig:
     rope = {}
     if a("rope.scaling.type") not in (None, "none"):
         rope = {"rope_type": a("rope.scaling.type"), "factor": a("rope.scaling.factor", 1.0)}
+        if rope["rope_type"] == "yarn":
+            rope.update(_yarn_params(a, float(rope["factor"])))
     base = dict(
         architecture=family, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=a("feed_forward_length"), num_layers=a("block_count"), num_heads=heads,
