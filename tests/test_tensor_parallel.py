@@ -57,6 +57,33 @@ def test_two_ranks_match_one_rank_and_leave_no_process(tiny_llama_dir):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
 
 
+def test_fewer_kv_heads_than_ranks_replicate_them(tmp_path, smollm2_path):
+    """4 query heads, 1 KV head (multi-query), 2 ranks: each rank keeps a copy of the KV head
+    and half the query heads; tokens as one rank's, logprobs to rounding."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    d, f = os.path.split(smollm2_path)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp_path)
+    ref = _run(_llm(str(tmp_path), 1))
+    llm = _llm(str(tmp_path), 2)
+    assert llm.engine.model.config.num_kv_heads == 1 and llm.engine.model.config.num_heads == 2
+    got = _run(llm)
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            top = sorted((lp for _, lp in la.top), reverse=True)
+            assert top[0] - top[1] > 1e-3                       # no near-tie to flip
+            for (ta, x), (tb, y) in zip(la.top, lb.top):
+                assert ta == tb and abs(x - y) < 1e-4
+    llm.engine.check_invariants()
+    llm.engine.shutdown()
+
+
 def _is_zombie_gone(pid):
     time.sleep(0.5)
     return not os.path.exists(f"/proc/{pid}")

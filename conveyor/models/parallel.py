@@ -1,7 +1,9 @@
 """Tensor-parallel sharding of the shared layers (Megatron-style), on top of unchanged model files.
 
 A rank's model is the family's ordinary module tree built from ``local_arch(cfg, size)``: 1/N of
-the attention heads, of the KV heads and of the MLP's intermediate size. Its weights are the
+the attention heads, of the KV heads and of the MLP's intermediate size. With fewer KV heads than
+ranks (N a multiple of them, as vLLM allows), each rank holds a copy of the one KV head its query
+heads attend to: ``N / num_kv_heads`` ranks share each head, and each keeps its own KV cache of it. Its weights are the
 full checkpoint's, sliced after loading (GGUF tensors are dequantized by then) by
 ``shard_state_dict``:
 
@@ -39,25 +41,39 @@ class AllReduce(Protocol):
         """Sum ``x`` over the ranks, in place."""
 
 
+def kv_replicas(cfg: ArchConfig, size: int) -> int:
+    """Ranks that share each KV head: 1 when ``size`` divides the KV heads, ``size //
+    num_kv_heads`` when the KV heads divide ``size`` (each of those ranks holds a copy), else 0
+    (no even split)."""
+    if cfg.num_kv_heads % size == 0:
+        return 1
+    return size // cfg.num_kv_heads if size % cfg.num_kv_heads == 0 else 0
+
+
+def _fits(cfg: ArchConfig, size: int) -> bool:
+    return (cfg.num_heads % size == 0 and cfg.intermediate_size % size == 0
+            and kv_replicas(cfg, size) > 0)
+
+
 def local_arch(cfg: ArchConfig, size: int) -> ArchConfig:
     """The architecture one of ``size`` ranks builds; ConfigError when ``size`` does not divide the
-    head counts or the intermediate size (KV heads are not replicated across ranks: see
-    docs/architecture.md)."""
+    attention heads or the intermediate size, or neither divides the other with the KV heads."""
     if size == 1:
         return cfg
-    counts = {"num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-              "intermediate_size": cfg.intermediate_size}
-    bad = {k: v for k, v in counts.items() if v % size}
-    if bad:
-        said = ", ".join(f"{k}={v}" for k, v in bad.items())
-        fits = [n for n in range(2, cfg.num_kv_heads + 1)
-                if all(v % n == 0 for v in counts.values())]
-        hint = f"sizes that divide this model: {fits}" if fits else "this model runs on 1 rank"
+    if not _fits(cfg, size):
+        counts = {"num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size}
+        bad = {k: v for k, v in counts.items() if v % size}
+        if kv_replicas(cfg, size) == 0:
+            bad["num_key_value_heads"] = cfg.num_kv_heads
+        said = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        fits = [n for n in range(2, cfg.num_heads + 1) if _fits(cfg, n)]
+        hint = f"sizes that fit this model: {fits}" if fits else "this model runs on 1 rank"
         raise ConfigError(f"--tensor-parallel-size {size} must divide the model's {said} "
-                          f"(heads and MLP columns are split evenly across ranks); {hint}",
+                          f"(heads and MLP columns are split evenly across ranks; KV heads "
+                          f"may also be fewer than the ranks if they divide them); {hint}",
                           "tensor_parallel_size")
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // size,
-                               num_kv_heads=cfg.num_kv_heads // size,
+                               num_kv_heads=max(1, cfg.num_kv_heads // size),
                                intermediate_size=cfg.intermediate_size // size)
 
 
@@ -67,11 +83,21 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: ArchConfig, rank: int,
     if size == 1:
         return state
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    replicas = kv_replicas(cfg, size)
+    head = rank // replicas                        # the KV head this rank's query heads use
+
+    def kv_part(t: torch.Tensor) -> torch.Tensor:
+        if replicas == 1:
+            return _chunk(t, rank, size, 0)
+        return t[head * cfg.head_dim:(head + 1) * cfg.head_dim]
+
     out = {}
     for name, t in state.items():
-        if any(f".{p}." in name for p in _COLUMN):
-            parts = [q, kv, kv] if ".qkv_proj." in name else [inter, inter]
-            t = torch.cat([_chunk(p, rank, size, 0) for p in t.split(parts, dim=0)])
+        if ".qkv_proj." in name:
+            tq, tk, tv = t.split([q, kv, kv], dim=0)
+            t = torch.cat([_chunk(tq, rank, size, 0), kv_part(tk), kv_part(tv)])
+        elif any(f".{p}." in name for p in _COLUMN):
+            t = torch.cat([_chunk(p, rank, size, 0) for p in t.split([inter, inter], dim=0)])
         elif any(f".{p}.weight" in name for p in _ROW):
             t = _chunk(t, rank, size, 1)
         out[name] = t.contiguous()
