@@ -217,6 +217,25 @@ def test_bf16_gemm_equals_fp32_sums_of_the_same_inputs(n, k, rows, bias):
 
 
 @needs_bf16_gemm
+def test_bf16_gemm_is_batch_invariant():
+    """A row's output is bitwise the same whatever rows share its call (every path sums a row's
+    feature pairs in one order): 1-6 rows, the interleaved 7-12, 6-row chunks and row tiles."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 1536, generator=gen).to(torch.bfloat16)
+    packed = ops.pack_bf16_weight(w)
+    x = torch.randn(140, 1536, generator=gen).to(torch.bfloat16)
+
+    def run(rows):
+        out = torch.empty(rows.shape[0], 200, dtype=torch.bfloat16)
+        ops.bf16_linear(out, rows, packed, torch.empty(0))
+        return out
+
+    alone = torch.cat([run(x[i:i + 1]) for i in range(140)])
+    for m in (2, 6, 7, 12, 13, 31, 140):
+        assert torch.equal(run(x[:m]), alone[:m]), m
+
+
+@needs_bf16_gemm
 def test_bf16_gemm_refuses_what_it_cannot_take():
     w = torch.randn(8, 16).to(torch.bfloat16)
     packed = ops.pack_bf16_weight(w)

@@ -21,7 +21,9 @@
 //   * Sums are fp32 over pairs of exact bf16 products (vdpbf16ps, round to nearest even,
 //     denormal inputs read as zero), the bias is added in fp32, and each output is rounded to
 //     bf16 once: the result equals an fp32 GEMM of the same bf16 inputs up to summation order
-//     and that one rounding (tested against torch).
+//     and that one rounding (tested against torch). Every path sums a row's pairs in the same
+//     order, so a row's output does not depend on the other rows of the call (batch-invariant,
+//     bitwise; tested).
 //   * Work splits over threads by group (up to 12 rows) or by (pair of groups, 6-row chunk),
 //     never two threads on one output, over row tiles whose x slice stays in a core's L2 while
 //     the groups stream by: up to 12 rows every weight is read from memory once.
