@@ -15,6 +15,7 @@ Decision table (features are any-of alternatives over /proc/cpuinfo flags):
 | can_prepack_bf16   | has_avx512, or avx_ne_convert + avx_vnni_int8 | bf16 linears prepacked for oneDNN|
 | has_native_bf16    | avx512_bf16 or amx_bf16                       | --dtype auto = bf16; kernel bf16 |
 | bf16_gemm          | kernel arch avx512_bf16, no amx_bf16          | bf16 linears: conveyor's GEMM    |
+| fp32_gemm          | kernel arch avx2 (no avx512)                  | fp32 linears: conveyor's GEMM    |
 | has_vnni           | avx512_vnni, avx_vnni or amx_int8             | --quantization int8 allowed      |
 
 ``bf16_gemm`` names who multiplies bf16 linears: "conveyor" (``csrc/bf16_gemm.cpp``, faster at
@@ -22,7 +23,10 @@ decode sizes), "onednn" (prepacked) where oneDNN can prepack bf16, else "plain" 
 AMX CPUs keep oneDNN, whose AMX tiles this kernel does not use. ``bf16_gemm_path()`` is that
 decision in this process: a kernel build below avx512_bf16 (``CONVEYOR_CPU_KERNEL_ARCH``) or
 ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN; ``describe()`` and ``models/packed.py`` both
-ask it.
+ask it. ``fp32_gemm`` likewise: "conveyor" (``csrc/fp32_gemm.cpp``) on AVX2 CPUs without
+AVX-512, where oneDNN's fp32 GEMM is slower at decode sizes and level at hundreds of rows; with
+AVX-512 oneDNN's is faster beyond 6 rows and stays (``fp32_gemm_path()``, off switch
+``CONVEYOR_DISABLE_FP32_GEMM=1``).
 
 So Zen 3 / Zen 1 (AVX2 + FMA): fp32 by default, bf16 runs on plain linears (slow), int8 refused;
 Skylake-X (AVX-512, no VNNI/bf16): bf16 prepacked but emulated, int8 refused; Alder Lake (AVX2 +
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
 KERNEL_ARCH_ENV = "CONVEYOR_CPU_KERNEL_ARCH"
 BF16_GEMM_OFF_ENV = "CONVEYOR_DISABLE_BF16_GEMM"
+FP32_GEMM_OFF_ENV = "CONVEYOR_DISABLE_FP32_GEMM"
 
 # Named features: any one alternative (all of its flags) suffices.
 _AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
@@ -174,6 +179,11 @@ class CpuInfo:
         return "onednn" if self.can_prepack_bf16 else "plain"
 
     @property
+    def fp32_gemm(self) -> str:
+        """Who multiplies fp32 linears (see the decision table)."""
+        return "conveyor" if self.kernel_arch == KernelArch.AVX2 else "onednn"
+
+    @property
     def kernel_arch(self) -> KernelArch:
         """The best C++ kernel target this CPU runs."""
         return [a for a in KernelArch if all(self.has(f) for f in a.features)][-1]
@@ -183,14 +193,15 @@ class CpuInfo:
                 "amx_int8", "fma")
         return " ".join(f for f in keep if f in self.flags)
 
-    def decisions(self, bf16_gemm: str | None = None) -> str:
-        """The paths this CPU takes, for ``describe()`` (``bf16_gemm``: this process's, as
-        ``bf16_gemm_path`` says; default the CPU's)."""
+    def decisions(self, bf16_gemm: str | None = None, fp32_gemm: str | None = None) -> str:
+        """The paths this CPU takes, for ``describe()`` (``bf16_gemm``, ``fp32_gemm``: this
+        process's, as ``bf16_gemm_path`` / ``fp32_gemm_path`` say; default the CPU's)."""
         bf16 = ("native" if self.has_native_bf16 else "emulated") + {
             "conveyor": "+conveyor_gemm", "onednn": "+prepacked", "plain": "+plain"}[
                 bf16_gemm or self.bf16_gemm]
         return (f"auto_dtype={'bfloat16' if self.has_native_bf16 else 'float32'} bf16={bf16} "
-                f"int8={'ok' if self.has_vnni else 'refused'} kernel={self.kernel_arch.value}")
+                f"int8={'ok' if self.has_vnni else 'refused'} kernel={self.kernel_arch.value} "
+                f"fp32={'conveyor_gemm' if (fp32_gemm or self.fp32_gemm) == 'conveyor' else 'prepacked'}")
 
 
 def _read_proc_cpuinfo() -> tuple[str, frozenset[str]]:
@@ -257,6 +268,22 @@ def bf16_gemm_path(cpu: CpuInfo | None = None) -> str:
     if arch and arch.lower() != KernelArch.AVX512_BF16.value:
         return fallback   # a lower named arch (an unknown name is refused at build)
     return "conveyor"
+
+
+def fp32_gemm_path(cpu: CpuInfo | None = None) -> str:
+    """Who multiplies fp32 linears in this process: ``CpuInfo.fp32_gemm``, kept at oneDNN by
+    ``CONVEYOR_DISABLE_FP32_GEMM=1`` or a kernel build without the GEMM (a named
+    ``CONVEYOR_CPU_KERNEL_ARCH`` of "generic", or compiler flags without ``-mavx2`` and ``-mfma``
+    or ``-march=native``)."""
+    cpu = cpu or cpu_info()
+    if cpu.fp32_gemm != "conveyor" or os.environ.get(FP32_GEMM_OFF_ENV) == "1":
+        return "onednn"
+    arch = os.environ.get(KERNEL_ARCH_ENV, "").strip()
+    if arch.startswith("-"):
+        flags = arch.split()
+        built = "-march=native" in flags or {"-mavx2", "-mfma"} <= set(flags)
+        return "conveyor" if built else "onednn"
+    return "onednn" if arch.lower() == KernelArch.GENERIC.value else "conveyor"
 
 
 def require(feature: str, option: str, cpu: CpuInfo | None = None) -> None:
@@ -333,7 +360,7 @@ def describe(device: torch.device | None = None) -> str:
     if info.isa_cap is not None:
         parts.append(f"isa_cap={info.isa_cap}")
     kernel_env = os.environ.get(KERNEL_ARCH_ENV)
-    parts += [f"decisions=[{info.decisions(bf16_gemm_path(info))}" + (
+    parts += [f"decisions=[{info.decisions(bf16_gemm_path(info), fp32_gemm_path(info))}" + (
                   f" kernel_env={kernel_env!r}]" if kernel_env
                                                   else "]"),
               f"aten={_aten_capability(info)}",

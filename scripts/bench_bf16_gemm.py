@@ -1,13 +1,15 @@
-"""conveyor's bf16 GEMM (``csrc/bf16_gemm.cpp``) against oneDNN's prepacked one, side by side in
-one process: the GEMMs alone, then whole engine steps.
+"""conveyor's bf16 GEMM (``csrc/bf16_gemm.cpp``), or with ``--dtype float32`` its fp32 GEMM for
+AVX2 CPUs (``csrc/fp32_gemm.cpp``), against oneDNN's prepacked one, side by side in one process:
+the GEMMs alone, then whole engine steps.
 
     PYTHONPATH=. python scripts/bench_bf16_gemm.py [--rows 1,3,6,9,17,64,512] [--batches 1,5,32]
+        [--dtype bfloat16|float32]
 
 1. The layer GEMMs of the default model's shapes (30 layers of qkv, o, gate_up and down, each
    layer its own weights, so they stream from memory as in a real step), at each row count,
    the two kernels alternating; median milliseconds for all 120 GEMMs.
-2. Two engines on the default model, one per kernel (``CONVEYOR_DISABLE_BF16_GEMM=1`` builds the
-   oneDNN one), stepping alternately: ``B`` requests of 300 prompt tokens decoding 120 tokens
+2. Two engines on the default model, one per kernel (``CONVEYOR_DISABLE_BF16_GEMM=1``, or
+   ``CONVEYOR_DISABLE_FP32_GEMM=1``, builds the oneDNN one), stepping alternately: ``B`` requests of 300 prompt tokens decoding 120 tokens
    each; median decode step at each batch size ``B``. Then a 2,000-token prefill on each.
 
 Prints one JSON line per measurement and a markdown table with the machine.
@@ -31,24 +33,32 @@ from conveyor.sampling_params import SamplingParams
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
 LAYERS = 30
 _NO_BIAS = torch.empty(0)
+# dtype -> (pack, linear, the off switch, the extension's probe)
+KERNELS = {
+    "bfloat16": ("pack_bf16_weight", "bf16_linear", "CONVEYOR_DISABLE_BF16_GEMM", "has_bf16_gemm"),
+    "float32": ("pack_fp32_weight", "fp32_linear", "CONVEYOR_DISABLE_FP32_GEMM", "has_fp32_gemm"),
+}
+DTYPE = "bfloat16"
 
 
 def gemms(rows: list[int], reps: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    raw = [[torch.randn(n, k, generator=gen).to(torch.bfloat16) for _, n, k in SHAPES]
+    dtype = getattr(torch, DTYPE)
+    pack, linear = (getattr(torch.ops.conveyor_cpu, name) for name in KERNELS[DTYPE][:2])
+    raw = [[torch.randn(n, k, generator=gen).to(dtype) for _, n, k in SHAPES]
            for _ in range(LAYERS)]
-    ours = [[torch.ops.conveyor_cpu.pack_bf16_weight(w) for w in ws] for ws in raw]
+    ours = [[pack(w) for w in ws] for ws in raw]
     onednn = [[torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in ws] for ws in raw]
     del raw
 
     def run(kind: str, m: int) -> float:
-        xs = {k: torch.randn(m, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
+        xs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in (576, 1536)}
         t0 = time.perf_counter()
         for layer in range(LAYERS):
             for (_, n, k), a, b in zip(SHAPES, ours[layer], onednn[layer]):
                 if kind == "conveyor":
-                    out = torch.empty(m, n, dtype=torch.bfloat16)
-                    torch.ops.conveyor_cpu.bf16_linear(out, xs[k], a, _NO_BIAS)
+                    out = torch.empty(m, n, dtype=dtype)
+                    linear(out, xs[k], a, _NO_BIAS)
                 else:
                     torch.ops.mkldnn._linear_pointwise(xs[k], b, None, "none", [], "")
         return time.perf_counter() - t0
@@ -69,12 +79,13 @@ def gemms(rows: list[int], reps: int) -> list[dict]:
 
 
 def _engine(disable: bool, **kw) -> LLMEngine:
+    switch = KERNELS[DTYPE][2]
     if disable:
-        os.environ["CONVEYOR_DISABLE_BF16_GEMM"] = "1"
+        os.environ[switch] = "1"
     try:
-        return LLMEngine.from_kwargs(model=None, **kw)
+        return LLMEngine.from_kwargs(model=None, dtype=DTYPE, **kw)
     finally:
-        os.environ.pop("CONVEYOR_DISABLE_BF16_GEMM", None)
+        os.environ.pop(switch, None)
 
 
 def steps(batches: list[int]) -> list[dict]:
@@ -130,13 +141,20 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,3,6,7,9,12,17,32,64,128,512")
     p.add_argument("--batches", default="1,5,32")
     p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--dtype", choices=sorted(KERNELS), default="bfloat16")
     args = p.parse_args()
-    if not LOADER.available() or not torch.ops.conveyor_cpu.has_bf16_gemm(_NO_BIAS):
-        raise SystemExit("error: this machine's kernel build has no bf16 GEMM (needs AVX512_BF16)")
+    global DTYPE
+    DTYPE = args.dtype
+    if not LOADER.available() or not getattr(torch.ops.conveyor_cpu, KERNELS[DTYPE][3])(_NO_BIAS):
+        raise SystemExit(f"error: this machine's kernel build has no {DTYPE} GEMM (bf16 needs "
+                         "AVX512_BF16, fp32 AVX2 and FMA)")
+    want = platform.bf16_gemm_path() if DTYPE == "bfloat16" else platform.fp32_gemm_path()
+    if want != "conveyor":
+        print(f"note: platform would not use conveyor's {DTYPE} GEMM on this CPU ({want})")
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     rows = gemms([int(x) for x in args.rows.split(",")], args.reps)
     rows += steps([int(x) for x in args.batches.split(",")])
-    print(f"\nMeasured {started} UTC on {platform.describe()}\n")
+    print(f"\nMeasured {started} UTC on {platform.describe()}; dtype {DTYPE}\n")
     print("| part | size | conveyor ms | oneDNN ms | conveyor / oneDNN |\n|---|---|---|---|---|")
     for r in rows:
         size = (f"{r['rows']} rows" if "rows" in r else

@@ -254,25 +254,101 @@ def test_bf16_gemm_refuses_what_it_cannot_take():
     torch.testing.assert_close(out.float(), _bf16_reference(x, w, None).float(), rtol=8e-3, atol=4e-3)
 
 
+needs_fp32_gemm = pytest.mark.skipif(
+    ops is None or not ops.has_fp32_gemm(torch.empty(0)),
+    reason="the C++ extension here has no fp32 GEMM (needs an AVX2+FMA kernel build)")
+
+
+@needs_fp32_gemm
+@pytest.mark.parametrize("n, k", [(200, 96), (64, 64), (70, 130), (16, 33), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 64, 301])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_gemm_equals_an_fp32_gemm(n, k, rows, bias):
+    """Every row count of the 6-row chunks and a partial last one, several row tiles at K=1536,
+    K not a multiple of the 256-feature blocks (odd, too), output widths that are not a multiple
+    of the 16-column groups: fp32 sums equal to a float64 reference up to fp32 rounding."""
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    wide = torch.randn(rows, k + 10, generator=gen)
+    x = wide[:, 4:4 + k]                                  # row stride k + 10: not contiguous
+    packed = ops.pack_fp32_weight(w)
+    assert tuple(packed.shape) == ((n + 15) // 16, k, 16)
+    out = torch.full((rows, n), float("nan"))
+    ops.fp32_linear(out, x, packed, torch.empty(0) if b is None else b)
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_fp32_gemm
+def test_fp32_gemm_is_batch_invariant_and_refuses_what_it_cannot_take():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(70, 600, generator=gen)
+    packed = ops.pack_fp32_weight(w)
+    x = torch.randn(150, 600, generator=gen)
+
+    def run(rows):
+        out = torch.empty(rows.shape[0], 70)
+        ops.fp32_linear(out, rows, packed, torch.empty(0))
+        return out
+
+    alone = torch.cat([run(x[i:i + 1]) for i in range(150)])
+    for m in (2, 6, 7, 12, 13, 150):
+        assert torch.equal(run(x[:m]), alone[:m]), m
+    out = torch.empty(3, 70)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.fp32_linear(out, x[:3].to(torch.bfloat16), packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.fp32_linear(out, torch.randn(3, 64), packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.fp32_linear(out, x[:3], packed, torch.randn(9))
+    ops.fp32_linear(out, x[:3], packed, torch.empty(0))    # still fine after the refusals
+    assert torch.equal(out, alone[:3])
+
+
+def _conveyor_and_onednn(lin: nn.Linear, x: torch.Tensor, off_switch: str, monkeypatch):
+    """``lin`` packed for conveyor's GEMM and, with ``off_switch`` set, for oneDNN: their
+    outputs on ``x``."""
+    with torch.inference_mode():
+        ours = PackedLinear(lin)
+        monkeypatch.setenv(off_switch, "1")
+        theirs = PackedLinear(lin)
+        monkeypatch.delenv(off_switch)
+        assert (ours.kernel, theirs.kernel) == ("conveyor", "oneDNN")
+        return ours(x), theirs(x)
+
+
+@needs_fp32_gemm
+def test_fp32_linears_take_conveyors_gemm_on_avx2_cpus_unless_disabled(monkeypatch):
+    """An AVX2 CPU without AVX-512 (a Zen 3): fp32 layers go to conveyor's GEMM and equal
+    oneDNN's; ``CONVEYOR_DISABLE_FP32_GEMM=1`` keeps oneDNN; with AVX-512 oneDNN stays."""
+    zen3 = platform.CpuInfo.of({"avx", "avx2", "fma", "f16c"})
+    monkeypatch.setattr(platform, "cpu_info", lambda: zen3)
+    lin = nn.Linear(96, 200, bias=True)
+    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(4))
+    got, want = _conveyor_and_onednn(lin, x, "CONVEYOR_DISABLE_FP32_GEMM", monkeypatch)
+    assert got.shape == want.shape == (2, 5, 200) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(platform, "cpu_info", lambda: platform.CpuInfo.of(
+        {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}))
+    assert PackedLinear(lin).kernel == "oneDNN"
+
+
 @needs_bf16_gemm
 def test_packed_bf16_linears_take_conveyors_gemm_here_unless_disabled(monkeypatch):
     """On this CPU bf16 layers go to conveyor's GEMM, and equal oneDNN's packed result (3-D input
-    too); ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN; odd K and fp32 always keep oneDNN."""
+    too); ``CONVEYOR_DISABLE_BF16_GEMM=1`` keeps oneDNN; odd K always keeps oneDNN, fp32 where
+    ``platform`` says so."""
     gen = torch.Generator().manual_seed(3)
     lin = nn.Linear(96, 200, bias=True).to(torch.bfloat16)
     x = torch.randn(2, 5, 96, generator=gen).to(torch.bfloat16)
-    with torch.inference_mode():
-        ours = PackedLinear(lin)
-        monkeypatch.setenv("CONVEYOR_DISABLE_BF16_GEMM", "1")
-        theirs = PackedLinear(lin)
-        monkeypatch.delenv("CONVEYOR_DISABLE_BF16_GEMM")
-        assert (ours.kernel, theirs.kernel) == ("conveyor", "oneDNN")
-        got, want = ours(x), theirs(x)
+    got, want = _conveyor_and_onednn(lin, x, "CONVEYOR_DISABLE_BF16_GEMM", monkeypatch)
     assert got.shape == want.shape == (2, 5, 200)
     torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=8e-3)
     assert not conveyor_gemm_takes(torch.randn(8, 15).to(torch.bfloat16))
-    assert not conveyor_gemm_takes(torch.randn(8, 16))
-    assert PackedLinear(nn.Linear(16, 8)).kernel == "oneDNN"
+    fp32_here = platform.fp32_gemm_path() == "conveyor"     # an AVX2 CPU without AVX-512
+    assert conveyor_gemm_takes(torch.randn(8, 16)) == fp32_here
+    assert PackedLinear(nn.Linear(16, 8)).kernel == ("conveyor" if fp32_here else "oneDNN")
 
 
 @needs_onednn

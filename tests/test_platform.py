@@ -221,6 +221,14 @@ def test_describe_states_the_decisions_and_the_cap(monkeypatch):
     assert " aten=AVX512 " in line
 
 
+def _only_env(monkeypatch, env: dict[str, str]) -> None:
+    """The GEMM switches and the kernel arch as ``env`` gives them, the others unset."""
+    for name in (platform.BF16_GEMM_OFF_ENV, platform.FP32_GEMM_OFF_ENV, platform.KERNEL_ARCH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("env, want", [
     ({}, "conveyor"),
     ({platform.BF16_GEMM_OFF_ENV: "1"}, "onednn"),
@@ -234,10 +242,7 @@ def test_describe_states_the_decisions_and_the_cap(monkeypatch):
 def test_bf16_gemm_path_follows_the_kernel_build_and_the_off_switch(monkeypatch, env, want):
     """What this process multiplies bf16 linears with, as describe() states it and
     models/packed.py takes it: the CPU's choice unless the kernel build lacks the GEMM."""
-    for name in (platform.BF16_GEMM_OFF_ENV, platform.KERNEL_ARCH_ENV):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    _only_env(monkeypatch, env)
     zen4 = CpuInfo.of(CPUS["zen4"])
     assert platform.bf16_gemm_path(zen4) == want
     monkeypatch.setattr(platform, "cpu_info", lambda: zen4)
@@ -246,6 +251,27 @@ def test_bf16_gemm_path_follows_the_kernel_build_and_the_off_switch(monkeypatch,
     # CPUs whose choice is not conveyor's GEMM keep it whatever the build
     assert platform.bf16_gemm_path(CpuInfo.of(CPUS["sapphire_rapids"])) == "onednn"
     assert platform.bf16_gemm_path(CpuInfo.of(CPUS["zen3"])) == "plain"
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "conveyor"),
+    ({platform.FP32_GEMM_OFF_ENV: "1"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "avx2"}, "conveyor"),
+    ({platform.KERNEL_ARCH_ENV: "generic"}, "onednn"),
+    ({platform.KERNEL_ARCH_ENV: "-mavx2 -mfma"}, "conveyor"),
+    ({platform.KERNEL_ARCH_ENV: "-msse4.2"}, "onednn"),
+])
+def test_fp32_gemm_path_is_conveyors_on_avx2_cpus_only(monkeypatch, env, want):
+    _only_env(monkeypatch, env)
+    zen3 = CpuInfo.of(CPUS["zen3"])
+    assert platform.bf16_gemm_path(zen3) == "plain" and platform.fp32_gemm_path(zen3) == want
+    monkeypatch.setattr(platform, "cpu_info", lambda: zen3)
+    label = "conveyor_gemm" if want == "conveyor" else "prepacked"
+    assert f" fp32={label}]" in platform.describe(CPU) or f" fp32={label} " in platform.describe(CPU)
+    for name in ("zen4", "skylake_x", "sapphire_rapids", "sandy_bridge"):   # AVX-512 or no AVX2
+        assert platform.fp32_gemm_path(CpuInfo.of(CPUS[name])) == "onednn", name
+    # an AVX-512 CPU capped at AVX2 takes the AVX2 CPU's path
+    assert platform.fp32_gemm_path(CpuInfo.of(CPUS["zen4"], "AVX2")) == want
 
 
 def test_bf16_prepack_decision_agrees_with_onednn():

@@ -42,7 +42,8 @@ from conveyor.platform import KernelArch, cpu_info
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "bf16_gemm.cpp")   # one extension, one op namespace
+SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "bf16_gemm.cpp",
+           _CSRC / "fp32_gemm.cpp")   # one extension, one op namespace
 HEADERS = (_CSRC / "exp2_poly.h",)                                    # part of the build's cache key
 _EXT_NAME = "conveyor_paged_attention"
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", "-Wno-psabi"]

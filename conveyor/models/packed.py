@@ -11,7 +11,9 @@ bf16 linears go to conveyor's own GEMM (``csrc/bf16_gemm.cpp``) where
 ``platform.bf16_gemm_path()`` says "conveyor" and the built extension has it: at decode sizes it
 streams the weights faster than oneDNN and keeps 6 rows for about the price of one, 12 for a
 little more (BENCHMARKS.md, "A bf16 GEMM for small batches"). ``CONVEYOR_DISABLE_BF16_GEMM=1``
-keeps oneDNN.
+keeps oneDNN. fp32 linears go to conveyor's fp32 GEMM (``csrc/fp32_gemm.cpp``) where
+``platform.fp32_gemm_path()`` says "conveyor" (AVX2 CPUs without AVX-512; BENCHMARKS.md, "An fp32
+GEMM for AVX2 CPUs"); ``CONVEYOR_DISABLE_FP32_GEMM=1`` keeps oneDNN.
 
 Invariants:
 - Packing changes the layout, not the maths: outputs equal ``F.linear``'s up to summation order
@@ -54,31 +56,44 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def conveyor_gemm_takes(weight: torch.Tensor) -> bool:
-    """Whether this bf16 weight goes to conveyor's GEMM rather than oneDNN (see above)."""
-    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.shape[1] % 2
-            or platform.bf16_gemm_path() != "conveyor"):
+    """Whether this weight goes to one of conveyor's GEMMs rather than oneDNN (see above): bf16
+    where ``platform.bf16_gemm_path()`` says so (and K is even), fp32 where
+    ``platform.fp32_gemm_path()`` does, and the built extension has the kernel."""
+    if weight.device.type != "cpu":
         return False
-    return _extension_has_bf16_gemm()
+    if weight.dtype == torch.bfloat16:
+        ok, probe = weight.shape[1] % 2 == 0 and platform.bf16_gemm_path() == "conveyor", \
+            "has_bf16_gemm"
+    elif weight.dtype == torch.float32:
+        ok, probe = platform.fp32_gemm_path() == "conveyor", "has_fp32_gemm"
+    else:
+        return False
+    return ok and _extension_has(probe)
 
 
-def _extension_has_bf16_gemm() -> bool:
+def _extension_has(probe: str) -> bool:
     from conveyor.kernels import LOADER  # noqa: PLC0415 - builds the extension on first use
     if not LOADER.available():
         return False
-    return bool(torch.ops.conveyor_cpu.has_bf16_gemm(_NO_BIAS))
+    return bool(getattr(torch.ops.conveyor_cpu, probe)(_NO_BIAS))
 
 
 class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with W packed once, for conveyor's bf16 GEMM (``kernel == "conveyor"``)
-    or oneDNN. Input ``[..., in]``, output ``[..., out]``."""
+    """``y = x W^T + b`` with W packed once, for conveyor's bf16 or fp32 GEMM (``kernel ==
+    "conveyor"``, by the weight's dtype) or oneDNN. Input ``[..., in]``, output ``[..., out]``."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel = "conveyor" if conveyor_gemm_takes(weight) else "oneDNN"
+        self.dtype = weight.dtype
         if self.kernel == "conveyor":
-            self.packed = torch.ops.conveyor_cpu.pack_bf16_weight(weight)
+            pack = torch.ops.conveyor_cpu.pack_bf16_weight if weight.dtype == torch.bfloat16 \
+                else torch.ops.conveyor_cpu.pack_fp32_weight
+            self.packed = pack(weight)
+            self._linear = torch.ops.conveyor_cpu.bf16_linear if weight.dtype == torch.bfloat16 \
+                else torch.ops.conveyor_cpu.fp32_linear
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
         self.bias = linear.bias
@@ -89,9 +104,8 @@ class PackedLinear(nn.Module):
         if self.kernel == "oneDNN":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         rows = x.reshape(-1, self.in_features)
-        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.bfloat16)
-        torch.ops.conveyor_cpu.bf16_linear(out, rows, self.packed,
-                                           _NO_BIAS if self.bias is None else self.bias)
+        out = torch.empty(rows.shape[0], self.out_features, dtype=self.dtype)
+        self._linear(out, rows, self.packed, _NO_BIAS if self.bias is None else self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
