@@ -249,41 +249,46 @@ def resolve_kernel_arch(value: str | None, cpu: CpuInfo | None = None) -> Kernel
     return arch
 
 
+def _build_has(arch: KernelArch, flags: frozenset[str]) -> bool:
+    """Whether the kernel build ``CONVEYOR_CPU_KERNEL_ARCH`` asks for has code that needs
+    ``arch``: unset, the CPU's best (which the caller's decision already required); a named
+    arch, that one or a higher one; compiler flags, all of ``flags`` or ``-march=native``. (An
+    unknown name is refused at build.)"""
+    value = os.environ.get(KERNEL_ARCH_ENV, "").strip()
+    if not value:
+        return True
+    if value.startswith("-"):
+        given = set(value.split())
+        return "-march=native" in given or flags <= given
+    order = list(KernelArch)
+    try:
+        return order.index(KernelArch(value.lower())) >= order.index(arch)
+    except ValueError:
+        return False
+
+
 def bf16_gemm_path(cpu: CpuInfo | None = None) -> str:
     """Who multiplies bf16 linears in this process: ``CpuInfo.bf16_gemm``, kept at oneDNN (or
-    plain) by ``CONVEYOR_DISABLE_BF16_GEMM=1`` or a kernel build without the GEMM: a named
-    ``CONVEYOR_CPU_KERNEL_ARCH`` below avx512_bf16, or compiler flags with neither
-    ``-mavx512bf16`` nor ``-march=native``. (``models/packed.py`` also asks the built extension
-    whether it has the GEMM, the last word for other ``-march`` values.)"""
+    plain) by ``CONVEYOR_DISABLE_BF16_GEMM=1`` or a kernel build without the GEMM (see
+    ``_build_has``). (``models/packed.py`` also asks the built extension whether it has the
+    GEMM, the last word for ``-march`` values other than native.)"""
     cpu = cpu or cpu_info()
     if cpu.bf16_gemm != "conveyor":
         return cpu.bf16_gemm
-    fallback = "onednn" if cpu.can_prepack_bf16 else "plain"
-    if os.environ.get(BF16_GEMM_OFF_ENV) == "1":
-        return fallback
-    arch = os.environ.get(KERNEL_ARCH_ENV, "").strip()
-    if arch.startswith("-"):
-        flags = arch.split()
-        return "conveyor" if "-mavx512bf16" in flags or "-march=native" in flags else fallback
-    if arch and arch.lower() != KernelArch.AVX512_BF16.value:
-        return fallback   # a lower named arch (an unknown name is refused at build)
+    if (os.environ.get(BF16_GEMM_OFF_ENV) == "1"
+            or not _build_has(KernelArch.AVX512_BF16, frozenset({"-mavx512bf16"}))):
+        return "onednn" if cpu.can_prepack_bf16 else "plain"
     return "conveyor"
 
 
 def fp32_gemm_path(cpu: CpuInfo | None = None) -> str:
     """Who multiplies fp32 linears in this process: ``CpuInfo.fp32_gemm``, kept at oneDNN by
-    ``CONVEYOR_DISABLE_FP32_GEMM=1`` or a kernel build without the GEMM (a named
-    ``CONVEYOR_CPU_KERNEL_ARCH`` of "generic", or compiler flags without ``-mavx2`` and ``-mfma``
-    or ``-march=native``)."""
+    ``CONVEYOR_DISABLE_FP32_GEMM=1`` or a kernel build without the GEMM (see ``_build_has``)."""
     cpu = cpu or cpu_info()
-    if cpu.fp32_gemm != "conveyor" or os.environ.get(FP32_GEMM_OFF_ENV) == "1":
+    if (cpu.fp32_gemm != "conveyor" or os.environ.get(FP32_GEMM_OFF_ENV) == "1"
+            or not _build_has(KernelArch.AVX2, frozenset({"-mavx2", "-mfma"}))):
         return "onednn"
-    arch = os.environ.get(KERNEL_ARCH_ENV, "").strip()
-    if arch.startswith("-"):
-        flags = arch.split()
-        built = "-march=native" in flags or {"-mavx2", "-mfma"} <= set(flags)
-        return "conveyor" if built else "onednn"
-    return "onednn" if arch.lower() == KernelArch.GENERIC.value else "conveyor"
+    return "conveyor"
 
 
 def require(feature: str, option: str, cpu: CpuInfo | None = None) -> None:

@@ -59,6 +59,33 @@ class StepRecorder:
         return sum(len(o.preempted_request_ids) for o in self.outputs)
 
 
+def differs_from_hf(engine, hf_model, prompts, max_tokens) -> bool:
+    """Whether greedy ``engine`` output differs from transformers' on any prompt (each run for
+    its ``max_tokens``, EOS ignored): a test's evidence that what it compares matters."""
+    from conveyor.sampling_params import SamplingParams
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
+           for p, m in zip(prompts, max_tokens)]
+    finals = run_engine(engine)
+    engine.check_invariants()
+    return any(finals[rid].outputs[0].token_ids != hf_greedy(hf_model, p, m, None)
+               for rid, p, m in zip(ids, prompts, max_tokens))
+
+
+def save_tiny_llama(path, smollm2_path: str, seed: int = 0, **config) -> str:
+    """A tiny random-weight Llama checkpoint (safetensors) with SmolLM2's tokenizer at ``path``;
+    ``config`` overrides the LlamaConfig fields below."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    fields = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **config})).save_pretrained(
+        path, safe_serialization=True)
+    d, f = os.path.split(smollm2_path)
+    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
+    return str(path)
+
+
 def run_engine(engine, max_steps: int = 100_000) -> dict:
     finals = {}
     for _ in range(max_steps):
@@ -74,16 +101,7 @@ def run_engine(engine, max_steps: int = 100_000) -> dict:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_path) -> str:
     """A tiny random-weight Llama checkpoint (safetensors) with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny_llama")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    d, f = os.path.split(smollm2_path)
-    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_path)
 
 
 def _vocab32(tmp_path_factory, smollm2_path, seed: int) -> str:

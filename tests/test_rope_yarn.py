@@ -14,10 +14,9 @@ import os
 import pytest
 import torch
 
-from conftest import hf_greedy, run_engine
+from conftest import differs_from_hf
 from conveyor.engine.llm_engine import LLMEngine
 from conveyor.errors import UnsupportedModelError
-from conveyor.sampling_params import SamplingParams
 from gguf_files import write_llama_gguf
 from test_equivalence import _check_engine_matches_hf, _save_tiny, _tiny_common
 
@@ -84,12 +83,7 @@ def test_without_the_scaling_the_same_weights_differ(tmp_path, smollm2_path):
         json.dump(plain, f)
     engine = _engine(str(tmp_path))
     assert engine.model.config.rope_scaling_dict.get("rope_type", "default") == "default"
-    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
-           for p, m in zip(PROMPTS, MAX_TOKENS)]
-    finals = run_engine(engine)
-    engine.check_invariants()
-    assert any(finals[rid].outputs[0].token_ids != hf_greedy(hf, p, m, None)
-               for rid, p, m in zip(ids, PROMPTS, MAX_TOKENS))
+    assert differs_from_hf(engine, hf, PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("keys, message", [

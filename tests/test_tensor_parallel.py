@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import save_tiny_llama
 from conveyor import LLM, SamplingParams
 from conveyor.errors import ConfigError, TensorParallelError
 
@@ -32,12 +33,8 @@ def _run(llm):
     return [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
-def test_two_ranks_match_one_rank_and_leave_no_process(tiny_llama_dir):
-    ref = _run(_llm(tiny_llama_dir, 1))
-    llm = _llm(tiny_llama_dir, 2)
-    pids = llm.engine.runner.workers.pids
-    assert len(pids) == 1 and all(os.path.exists(f"/proc/{p}") for p in pids)
-    got = _run(llm)
+def _assert_same_as_one_rank(ref, got):
+    """Tokens identical, top logprobs equal to rounding, and no near-tie that could flip."""
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs):
@@ -46,6 +43,14 @@ def test_two_ranks_match_one_rank_and_leave_no_process(tiny_llama_dir):
             assert [t for t, _ in la.top] == [t for t, _ in lb.top]
             for (_, x), (_, y) in zip(la.top, lb.top):
                 assert abs(x - y) < 1e-4
+
+
+def test_two_ranks_match_one_rank_and_leave_no_process(tiny_llama_dir):
+    ref = _run(_llm(tiny_llama_dir, 1))
+    llm = _llm(tiny_llama_dir, 2)
+    pids = llm.engine.runner.workers.pids
+    assert len(pids) == 1 and all(os.path.exists(f"/proc/{p}") for p in pids)
+    _assert_same_as_one_rank(ref, _run(llm))
     assert llm.engine.core.stats().prefix_cache_hits > 0
     llm.engine.check_invariants()
     stats = llm.engine.stats()
@@ -60,26 +65,11 @@ def test_two_ranks_match_one_rank_and_leave_no_process(tiny_llama_dir):
 def test_fewer_kv_heads_than_ranks_replicate_them(tmp_path, smollm2_path):
     """4 query heads, 1 KV head (multi-query), 2 ranks: each rank keeps a copy of the KV head
     and half the query heads; tokens as one rank's, logprobs to rounding."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import torch
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
-    d, f = os.path.split(smollm2_path)
-    AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(tmp_path)
-    ref = _run(_llm(str(tmp_path), 1))
-    llm = _llm(str(tmp_path), 2)
+    path = save_tiny_llama(tmp_path, smollm2_path, seed=1, num_key_value_heads=1)
+    ref = _run(_llm(path, 1))
+    llm = _llm(path, 2)
     assert llm.engine.model.config.num_kv_heads == 1 and llm.engine.model.config.num_heads == 2
-    got = _run(llm)
-    for a, b in zip(ref, got):
-        assert a.token_ids == b.token_ids
-        for la, lb in zip(a.logprobs, b.logprobs):
-            top = sorted((lp for _, lp in la.top), reverse=True)
-            assert top[0] - top[1] > 1e-3                       # no near-tie to flip
-            for (ta, x), (tb, y) in zip(la.top, lb.top):
-                assert ta == tb and abs(x - y) < 1e-4
+    _assert_same_as_one_rank(ref, _run(llm))
     llm.engine.check_invariants()
     llm.engine.shutdown()
 

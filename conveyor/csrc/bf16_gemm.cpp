@@ -69,6 +69,27 @@ struct Args {
   const uint16_t* bias_h;
 };
 
+// Rows row0.. of groups g.. from their fp32 sums: + bias, rounded to bf16 once, stored; columns
+// past n are neither read nor stored.
+template <int MR, int NB>
+inline void store(const Args& a, const __m512 (&acc)[MR][NB], int64_t row0, int64_t g) {
+  for (int b = 0; b < NB; ++b) {
+    const int64_t c = g * kGroup + b * 16;
+    if (c >= a.n) break;
+    const int valid = int(std::min<int64_t>(16, a.n - c));
+    const __mmask16 mask = valid == 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    const __m512 bias =
+        a.bias_f ? _mm512_maskz_loadu_ps(mask, a.bias_f + c)
+        : a.bias_h ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.bias_h + c)), 16))
+        : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][b], bias));
+      _mm256_mask_storeu_epi16(a.y + (row0 + m) * a.ldy + c, mask, (__m256i)h);
+    }
+  }
+}
+
 // MR rows (from row0) x NS groups (from g): 2 * NS vectors of 16 columns, one weight stream per
 // group.
 template <int MR, int NS, bool PREFETCH>
@@ -96,21 +117,7 @@ inline void micro(const Args& a, int64_t row0, int64_t g) {
       for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xb, wv[b]);
     }
   }
-  for (int b = 0; b < NB; ++b) {
-    const int64_t c = g * kGroup + b * 16;
-    if (c >= a.n) break;
-    const int valid = int(std::min<int64_t>(16, a.n - c));
-    const __mmask16 mask = valid == 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
-    const __m512 bias =   // columns past n are neither read nor stored
-        a.bias_f ? _mm512_maskz_loadu_ps(mask, a.bias_f + c)
-        : a.bias_h ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.bias_h + c)), 16))
-        : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m) {
-      const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][b], bias));
-      _mm256_mask_storeu_epi16(a.y + (row0 + m) * a.ldy + c, mask, (__m256i)h);
-    }
-  }
+  store(a, acc, row0, g);
 }
 
 // MR rows of x interleaved by feature pair (xp[p * MR + m]) x one group: one pointer for
@@ -132,21 +139,7 @@ inline void micro_xp(const Args& a, const int32_t* xp, int64_t row0, int64_t g) 
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
     }
   }
-  for (int b = 0; b < 2; ++b) {
-    const int64_t c = g * kGroup + b * 16;
-    if (c >= a.n) break;
-    const int valid = int(std::min<int64_t>(16, a.n - c));
-    const __mmask16 mask = valid == 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
-    const __m512 bias =
-        a.bias_f ? _mm512_maskz_loadu_ps(mask, a.bias_f + c)
-        : a.bias_h ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.bias_h + c)), 16))
-        : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m) {
-      const __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][b], bias));
-      _mm256_mask_storeu_epi16(a.y + (row0 + m) * a.ldy + c, mask, (__m256i)h);
-    }
-  }
+  store(a, acc, row0, g);
 }
 
 void rows_xp(const Args& a, const int32_t* xp, int64_t row0, int64_t count, int64_t g) {

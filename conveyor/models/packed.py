@@ -55,20 +55,22 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+# dtype -> conveyor's (probe, pack, linear) ops
+_CONVEYOR_OPS = {torch.bfloat16: ("has_bf16_gemm", "pack_bf16_weight", "bf16_linear"),
+                 torch.float32: ("has_fp32_gemm", "pack_fp32_weight", "fp32_linear")}
+
+
 def conveyor_gemm_takes(weight: torch.Tensor) -> bool:
     """Whether this weight goes to one of conveyor's GEMMs rather than oneDNN (see above): bf16
     where ``platform.bf16_gemm_path()`` says so (and K is even), fp32 where
     ``platform.fp32_gemm_path()`` does, and the built extension has the kernel."""
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or weight.dtype not in _CONVEYOR_OPS:
         return False
     if weight.dtype == torch.bfloat16:
-        ok, probe = weight.shape[1] % 2 == 0 and platform.bf16_gemm_path() == "conveyor", \
-            "has_bf16_gemm"
-    elif weight.dtype == torch.float32:
-        ok, probe = platform.fp32_gemm_path() == "conveyor", "has_fp32_gemm"
+        ok = weight.shape[1] % 2 == 0 and platform.bf16_gemm_path() == "conveyor"
     else:
-        return False
-    return ok and _extension_has(probe)
+        ok = platform.fp32_gemm_path() == "conveyor"
+    return ok and _extension_has(_CONVEYOR_OPS[weight.dtype][0])
 
 
 def _extension_has(probe: str) -> bool:
@@ -89,11 +91,9 @@ class PackedLinear(nn.Module):
         self.kernel = "conveyor" if conveyor_gemm_takes(weight) else "oneDNN"
         self.dtype = weight.dtype
         if self.kernel == "conveyor":
-            pack = torch.ops.conveyor_cpu.pack_bf16_weight if weight.dtype == torch.bfloat16 \
-                else torch.ops.conveyor_cpu.pack_fp32_weight
-            self.packed = pack(weight)
-            self._linear = torch.ops.conveyor_cpu.bf16_linear if weight.dtype == torch.bfloat16 \
-                else torch.ops.conveyor_cpu.fp32_linear
+            _, pack_op, linear_op = _CONVEYOR_OPS[weight.dtype]
+            self.packed = getattr(torch.ops.conveyor_cpu, pack_op)(weight)
+            self._linear = getattr(torch.ops.conveyor_cpu, linear_op)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
         self.bias = linear.bias

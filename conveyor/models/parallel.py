@@ -3,9 +3,9 @@
 A rank's model is the family's ordinary module tree built from ``local_arch(cfg, size)``: 1/N of
 the attention heads, of the KV heads and of the MLP's intermediate size. With fewer KV heads than
 ranks (N a multiple of them, as vLLM allows), each rank holds a copy of the one KV head its query
-heads attend to: ``N / num_kv_heads`` ranks share each head, and each keeps its own KV cache of it. Its weights are the
-full checkpoint's, sliced after loading (GGUF tensors are dequantized by then) by
-``shard_state_dict``:
+heads attend to: ``N / num_kv_heads`` ranks share each head, each with its own KV cache of it.
+Its weights are the full checkpoint's, sliced after loading (GGUF tensors are dequantized by
+then) by ``shard_state_dict``:
 
 - column-parallel (output rows sliced): ``qkv_proj`` (its q, k and v parts each) and
   ``gate_up_proj`` (gate and up each), with their biases: rank r computes its own heads' q/k/v

@@ -40,7 +40,6 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
                 failed: dict[str, str]) -> ModelRunnerOutput:
     """Rows for every sampling request of a step with drafts (``logits``: all their rows)."""
     drafts = [sched.scheduled_spec_tokens.get(rid, []) for rid in request_ids]
-    q_rows = draft_q_rows(runner.draft_probs, request_ids, drafts, sched.grammar)
     greedy = _all_plain_greedy(runner, request_ids, drafts)
     if greedy:   # the targets are the argmax, taken in the finiteness pass
         targets, ok = argmax_rows(logits, runner.fused_rows)
@@ -58,6 +57,7 @@ def verify_step(runner, logits: torch.Tensor, request_ids: list[str], sched: Sch
         rows = verify_argmax(targets, [request_ids[i] for i, _ in keep],
                              [drafts[i] for i, _ in keep], [rs[0] for _, rs in keep])
     else:
+        q_rows = draft_q_rows(runner.draft_probs, request_ids, drafts, sched.grammar)
         rows = _verify_or_split(runner, logits, [request_ids[i] for i, _ in keep],
                                 [drafts[i] for i, _ in keep], [q_rows[i] for i, _ in keep],
                                 [r for _, rs in keep for r in rs], sched, failed)
