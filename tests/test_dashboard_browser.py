@@ -39,7 +39,9 @@ def _wait_for(page, predicate, what: str, timeout_s: float = 60.0):
 
 
 def _load(url: str, statuses: list[int]) -> None:
-    body = {"prompt": "Conveyor belts carry", "max_tokens": 16, "temperature": 0.0,
+    # long enough (two rounds of 3 x 64 tokens, a few seconds) that the page's twice-a-second
+    # frames see requests running: 16-token rounds could start and end between two frames
+    body = {"prompt": "Conveyor belts carry", "max_tokens": 64, "temperature": 0.0,
             "ignore_eos": True}
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
         for _ in range(2):
